@@ -1,0 +1,5 @@
+"""``python -m ksymsfs``."""
+
+from .cli import main
+
+main()

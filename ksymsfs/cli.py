@@ -1,0 +1,226 @@
+"""Command line: snapshot, nlist, lookup, dump, mount, umount (and the mount.fuse form)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+
+from . import __version__
+from .errors import ConfigError, KsymsError
+from .sources import Sources
+
+log = logging.getLogger("ksymsfs")
+COMMANDS = ("snapshot", "nlist", "lookup", "dump", "mount", "umount")
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sources (default: the live kernel)")
+    g.add_argument("--kallsyms", metavar="PATH", help="kallsyms text (default /proc/kallsyms)")
+    g.add_argument("--modules", metavar="PATH",
+                   help="/proc/modules text (default /proc/modules when reading the live "
+                        "kernel, none for a captured --kallsyms)")
+    g.add_argument("--sections", metavar="DIR",
+                   help="directory laid out like /sys/module (<module>/sections/<section>)")
+    g.add_argument("--lenient", action="store_true",
+                   help="skip lines that are not symbol lines (headers, separators) "
+                        "instead of failing on them")
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ELF target (default: this machine)")
+    g.add_argument("--arch", help="x86_64, i386, aarch64, arm, mips, mipsel, riscv64, ...")
+    g.add_argument("--class", dest="elfclass", choices=("32", "64"),
+                   help="ELF class (default: from the address width)")
+    g.add_argument("--endian", choices=("little", "big"))
+
+
+def sources_from_args(a: argparse.Namespace) -> Sources:
+    """Live defaults; a captured --kallsyms only gets the module list it is given."""
+    if a.kallsyms is None:
+        src = Sources.live()
+        if a.modules:
+            src.modules, src.modules_optional = a.modules, False
+        if a.sections:
+            src.sections = a.sections
+    else:
+        src = Sources(a.kallsyms, a.modules, a.sections, modules_optional=False)
+    src.lenient = a.lenient
+    return src
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ksymsfs", description="BSD /dev/ksyms for Linux: "
+                                "kernel symbols as an ELF image, as a file or a device.")
+    p.add_argument("--version", action="version", version=f"ksymsfs {__version__}")
+    p.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    s = sub.add_parser("snapshot", help="write one ELF snapshot of the symbol table")
+    _add_source_args(s)
+    _add_target_args(s)
+    s.add_argument("-o", "--output", required=True, metavar="OUT", help="file, or - for stdout")
+    s.add_argument("--hide-addresses", action="store_true",
+                   help="zero every address, as /proc/kallsyms does for unprivileged readers")
+    n = sub.add_parser("nlist", help="nlist(3): value and n_type of named symbols")
+    n.add_argument("image", help="image file or mounted device")
+    n.add_argument("names", nargs="+", metavar="NAME")
+    lk = sub.add_parser("lookup", help="address -> name+0xoff/0xsize [module]")
+    lk.add_argument("image")
+    lk.add_argument("addrs", nargs="+", metavar="ADDR", help="hex address (0x optional)")
+    d = sub.add_parser("dump", help="print the image back as kallsyms text")
+    d.add_argument("image")
+    d.add_argument("-o", "--output", default="-", metavar="OUT")
+    m = sub.add_parser("mount", help="serve a ksyms device node (FUSE)")
+    _add_source_args(m)
+    _add_target_args(m)
+    m.add_argument("mountpoint", help="file path to serve, e.g. /dev/ksyms (created if absent)")
+    m.add_argument("-f", "--foreground", action="store_true")
+    m.add_argument("--allow-other", action="store_true",
+                   help="let other users open it; each gets addresses only if the kernel "
+                        "would show them (kallsyms_show_value)")
+    m.add_argument("--max-open", type=int, default=64, metavar="N",
+                   help="concurrent open snapshots before opens fail with ENOMEM (default 64)")
+    m.add_argument("--force", action="store_true",
+                   help="lazily unmount a stale mount at MOUNTPOINT first")
+    m.add_argument("-o", dest="options", metavar="OPTS", help="comma-separated mount options")
+    u = sub.add_parser("umount", help="unmount a ksyms device")
+    u.add_argument("mountpoint")
+    return p
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename: never a partial output."""
+    if path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".ksymsfs-", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def cmd_snapshot(a: argparse.Namespace) -> int:
+    from .snapshot import make_image
+
+    src = sources_from_args(a)
+    src.strict_modules = False
+    img = make_image(src, hide_addresses=a.hide_addresses, arch=a.arch,
+                     elfclass=None if a.elfclass is None else (1 if a.elfclass == "32" else 2),
+                     endian=a.endian)
+    for w in img.snapshot.warnings:
+        log.warning("%s", w)
+    if img.snapshot.table.skipped:
+        log.warning("%s: skipped %d lines that are not symbol lines", src.kallsyms,
+                    img.snapshot.table.skipped)
+    if img.all_zero and not a.hide_addresses and a.kallsyms is None:
+        log.warning("every address in %s is zero: the kernel hides them from this user "
+                    "(see kernel.kptr_restrict); run as root for real addresses", src.kallsyms)
+    _write_atomic(a.output, img.data)
+    return 0
+
+
+def cmd_nlist(a: argparse.Namespace) -> int:
+    from .reader import n_type_name, nlist, parse_image
+
+    img = parse_image(a.image)
+    res = nlist(img, a.names)
+    w = 8 if img.elfclass == 1 else 16
+    missing = 0
+    for name, hits in res.items():
+        if not hits:
+            missing += 1
+            print(f"{'':>{w}} {'N_UNDF':<13} {name} (not found)")
+        for h in hits:
+            mod = f"\t[{h.module}]" if h.module else ""
+            print(f"{h.n_value:0{w}x} {n_type_name(h.n_type):<13} {h.name}{mod}")
+    return 1 if missing else 0
+
+
+def cmd_lookup(a: argparse.Namespace) -> int:
+    from .reader import lookup, parse_image
+
+    addrs = []
+    for s in a.addrs:
+        try:
+            addrs.append(int(s, 16))
+        except ValueError:
+            raise ConfigError(f"not a hex address: {s!r}") from None
+    img = parse_image(a.image)
+    w = 8 if img.elfclass == 1 else 16
+    missing = 0
+    for addr, r in zip(addrs, lookup(img, addrs)):
+        missing += r is None
+        print(f"{addr:0{w}x} {r if r else '(no symbol)'}")
+    return 1 if missing else 0
+
+
+def cmd_dump(a: argparse.Namespace) -> int:
+    from .reader import dump_lines, parse_image
+
+    text = "\n".join(dump_lines(parse_image(a.image))) + "\n"
+    _write_atomic(a.output, text.encode("utf-8", "surrogateescape"))
+    return 0
+
+
+def cmd_mount(a: argparse.Namespace) -> int:
+    from .mount import run_mount
+
+    return run_mount(a)
+
+
+def cmd_umount(a: argparse.Namespace) -> int:
+    from .mount import run_umount
+
+    return run_umount(a.mountpoint)
+
+
+def _mount_fuse_form(argv: list[str]) -> list[str]:
+    """``ksymsfs SOURCE MOUNTPOINT -o opts`` (as mount.fuse calls it) -> ``mount`` argv."""
+    if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        source, rest = argv[0], argv[1:]
+        extra = ["--kallsyms", source] if os.path.isfile(source) else []
+        return ["mount", *extra, *rest]
+    return argv
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Entry point: returns the exit status (0 ok, 1 runtime failure, 2 bad input)."""
+    argv = _mount_fuse_form(list(sys.argv[1:] if argv is None else argv))
+    a = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
+                        format="ksymsfs: %(message)s")
+    if a.cmd is None:
+        _parser().print_help()
+        return 2
+    try:
+        return globals()[f"cmd_{a.cmd}"](a)
+    except KsymsError as e:
+        if a.debug:
+            raise
+        print(f"ksymsfs: {e}", file=sys.stderr)
+        return e.exit_status
+    except BrokenPipeError:
+        return 1
+    except OSError as e:
+        if a.debug:
+            raise
+        print(f"ksymsfs: {e}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("ksymsfs: out of memory", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def main() -> None:
+    sys.exit(cli())

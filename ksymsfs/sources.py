@@ -1,0 +1,164 @@
+"""Where symbols come from: kallsyms, /proc/modules and /sys/module sections, read consistently."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from .errors import ParseError, SnapshotError, SourceError
+from .kallsyms import SymbolTable, is_pseudo_module, parse_kallsyms
+
+log = logging.getLogger(__name__)
+SNAPSHOT_TRIES = 3  # FreeBSD ksyms gives up with ENXIO after this many unclean tries
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One /proc/modules line: ``name size refcnt deps state 0xADDR [(taints)]``."""
+
+    name: str
+    size: int
+    state: str
+    address: int
+
+
+def parse_modules(data: bytes, path: str = "<modules>") -> list[ModuleInfo]:
+    """/proc/modules text -> modules, newest first (the file's order)."""
+    out = []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        line = raw.rstrip(b"\r")
+        if not line.strip():
+            continue
+        f = line.split()
+        if len(f) < 2 or not f[1].isdigit():
+            raise ParseError(path, lineno, "malformed /proc/modules line "
+                             "(expected 'NAME SIZE REFCNT DEPS STATE ADDRESS')", line)
+        state = f[4].decode("ascii", "replace") if len(f) > 4 else "Live"
+        addr = 0
+        if len(f) > 5:
+            try:
+                addr = int(f[5], 16)
+            except ValueError:
+                raise ParseError(path, lineno, "bad module address", line) from None
+        out.append(ModuleInfo(f[0].decode("utf-8", "surrogateescape"), int(f[1]), state, addr))
+    return out
+
+
+def read_section_bases(sysmodule: str, modules: list[ModuleInfo],
+                       cache: dict | None = None) -> dict[str, dict[str, int]]:
+    """``/sys/module/<m>/sections/<sec>`` -> {module: {section: address}} where readable.
+
+    Cached per (module, load address): a module instance's sections never move.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for m in modules:
+        key = (m.name, m.address)
+        if cache is not None and key in cache:
+            out[m.name] = cache[key]
+            continue
+        d = os.path.join(sysmodule, m.name, "sections")
+        bases: dict[str, int] = {}
+        try:
+            entries = os.listdir(d)
+        except OSError:
+            entries = []
+        for sec in entries:
+            try:
+                with open(os.path.join(d, sec), "rb") as f:
+                    bases[sec] = int(f.read().strip(), 16)
+            except (OSError, ValueError):
+                continue
+        bases = {k: v for k, v in bases.items() if v}
+        if cache is not None and m.address:
+            cache[key] = bases
+        if bases:
+            out[m.name] = bases
+    return out
+
+
+@dataclass
+class Sources:
+    """Paths of the inputs. Defaults are the live kernel; any may point at captured files.
+
+    ``modules=None`` means "no module list" (offline dump without one); the default live
+    path is optional because kernels booted without module support have no /proc/modules.
+    """
+
+    kallsyms: str = "/proc/kallsyms"
+    modules: str | None = "/proc/modules"
+    sections: str | None = None          # e.g. /sys/module
+    lenient: bool = False
+    modules_optional: bool = True        # a missing modules file means "no modules"
+    strict_modules: bool = True          # kallsyms module absent from the list = unclean
+
+    @classmethod
+    def live(cls, procfs: str = "/proc", sysfs: str = "/sys") -> "Sources":
+        return cls(os.path.join(procfs, "kallsyms"), os.path.join(procfs, "modules"),
+                   os.path.join(sysfs, "module"))
+
+
+@dataclass
+class Snapshot:
+    """One consistent reading of the sources."""
+
+    table: SymbolTable
+    modules: list[ModuleInfo] | None
+    section_bases: dict[str, dict[str, int]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def load_order(self) -> list[str] | None:
+        """Oldest module first: /proc/modules lists newest first."""
+        return None if self.modules is None else [m.name for m in reversed(self.modules)]
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _read_modules(src: Sources) -> bytes | None:
+    if src.modules is None:
+        return None
+    if src.modules_optional and not os.path.exists(src.modules):
+        return None
+    return _read(src.modules)
+
+
+def take_snapshot(src: Sources, tries: int = SNAPSHOT_TRIES,
+                  section_cache: dict | None = None) -> Snapshot:
+    """Read modules, kallsyms, modules again; retry while they disagree, then ENXIO."""
+    why = ""
+    for _ in range(tries):
+        m1 = _read_modules(src)
+        kdata = _read(src.kallsyms)
+        m2 = _read_modules(src)
+        if m1 != m2:
+            why = f"{src.modules} changed while {src.kallsyms} was read"
+            continue
+        table = parse_kallsyms(kdata, src.kallsyms, lenient=src.lenient)
+        mods = None if m1 is None else parse_modules(m1, src.modules or "")
+        warnings = _cross_check(table, mods, src)
+        if warnings and src.strict_modules:
+            why = warnings[0]
+            continue
+        bases = {}
+        if src.sections and mods:
+            bases = read_section_bases(src.sections, mods, section_cache)
+        return Snapshot(table, mods, bases, warnings)
+    raise SnapshotError(f"no consistent snapshot after {tries} tries: {why}")
+
+
+def _cross_check(table: SymbolTable, mods: list[ModuleInfo] | None, src: Sources) -> list[str]:
+    if mods is None:
+        return []
+    listed = {m.name for m in mods}
+    missing = [m for m in table.modules[1:] if m not in listed and not is_pseudo_module(m)]
+    if missing:
+        return [f"{src.kallsyms} has symbols of module(s) not in {src.modules}: "
+                + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")]
+    return []
