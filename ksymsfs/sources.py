@@ -106,6 +106,7 @@ class Snapshot:
     modules: list[ModuleInfo] | None
     section_bases: dict[str, dict[str, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    raw: tuple[bytes, bytes | None] = (b"", None)  # the bytes read, to spot "unchanged"
 
     @property
     def load_order(self) -> list[str] | None:
@@ -130,8 +131,13 @@ def _read_modules(src: Sources) -> bytes | None:
 
 
 def take_snapshot(src: Sources, tries: int = SNAPSHOT_TRIES,
-                  section_cache: dict | None = None) -> Snapshot:
-    """Read modules, kallsyms, modules again; retry while they disagree, then ENXIO."""
+                  section_cache: dict | None = None,
+                  previous: Snapshot | None = None) -> Snapshot:
+    """Read modules, kallsyms, modules again; retry while they disagree, then ENXIO.
+
+    If the bytes read equal ``previous.raw``, ``previous`` itself is returned: nothing
+    changed, so its parsed table (and any image built from it) is still exact.
+    """
     why = ""
     for _ in range(tries):
         m1 = _read_modules(src)
@@ -140,6 +146,8 @@ def take_snapshot(src: Sources, tries: int = SNAPSHOT_TRIES,
         if m1 != m2:
             why = f"{src.modules} changed while {src.kallsyms} was read"
             continue
+        if previous is not None and previous.raw[0] == kdata and previous.raw[1] == m1:
+            return previous
         table = parse_kallsyms(kdata, src.kallsyms, lenient=src.lenient)
         mods = None if m1 is None else parse_modules(m1, src.modules or "")
         warnings = _cross_check(table, mods, src)
@@ -149,7 +157,7 @@ def take_snapshot(src: Sources, tries: int = SNAPSHOT_TRIES,
         bases = {}
         if src.sections and mods:
             bases = read_section_bases(src.sections, mods, section_cache)
-        return Snapshot(table, mods, bases, warnings)
+        return Snapshot(table, mods, bases, warnings, (kdata, m1))
     raise SnapshotError(f"no consistent snapshot after {tries} tries: {why}")
 
 

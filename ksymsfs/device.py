@@ -1,0 +1,220 @@
+"""The ksyms device without FUSE: per-process opens, fresh snapshots, address policy, ioctls.
+
+FreeBSD semantics: every open takes its own snapshot; one open per process (thread
+group) at a time, else EBUSY; ENXIO when no consistent snapshot can be taken; ENOMEM
+on resource shortage (here also: more than ``max_open`` snapshots open at once).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+from . import KIOCGADDR, KIOCGSIZE
+from .builder import build_image
+from .elfdefs import Target, make_target
+from .errors import KsymsError
+from .policy import kallsyms_show_value, process_creds, read_sysctls
+from .sources import Snapshot, Sources, take_snapshot
+
+log = logging.getLogger(__name__)
+
+
+class DeviceError(KsymsError):
+    """An open/read/ioctl refused with a specific errno."""
+
+    def __init__(self, err: int, why: str = ""):
+        self.errno = err
+        super().__init__(why or os.strerror(err))
+
+
+@dataclass
+class Handle:
+    """One open(): its owner process and its own snapshot bytes."""
+
+    tgid: int
+    image: bytes
+    show_addresses: bool
+    opened: float
+
+
+class Coalescer:
+    """Share one source read among concurrent openers, never one that began before them.
+
+    A caller waits for a read that *starts* after it arrived; a read already in flight
+    when it arrives is not good enough (it may predate a module load the caller made).
+    """
+
+    def __init__(self, read):
+        self._read = read
+        self._cond = threading.Condition()
+        self._started = 0      # generation of the newest read begun
+        self._done = 0         # generation of the newest read finished
+        self._building = False
+        self._result: object = None
+
+    def get(self):
+        with self._cond:
+            need = self._started + 1
+            while True:
+                if self._done >= need:
+                    res = self._result
+                    break
+                if not self._building:
+                    self._building = True
+                    self._started += 1
+                    gen = self._started
+                    res = None
+                    break
+                self._cond.wait()
+        if res is None:
+            try:
+                res = ("ok", self._read())
+            except BaseException as e:  # handed to every waiter of this generation
+                res = ("err", e)
+            with self._cond:
+                self._done, self._result, self._building = gen, res, False
+                self._cond.notify_all()
+        kind, val = res
+        if kind == "err":
+            raise val
+        return val
+
+
+class Device:
+    """What /dev/ksyms does, as plain methods the FUSE adapter delegates to."""
+
+    def __init__(self, sources: Sources, target: Target | None = None, *,
+                 procfs: str = "/proc", sysctl_dir: str | None = None,
+                 max_open: int = 64, mounted_by: int | None = None):
+        self.sources = sources
+        self.target = target
+        self.procfs = procfs
+        self.sysctl_dir = sysctl_dir or os.path.join(procfs, "sys", "kernel")
+        self.max_open = max_open
+        self.mounted_by = os.getuid() if mounted_by is None else mounted_by
+        self._lock = threading.Lock()
+        self._handles: dict[int, Handle] = {}
+        self._by_tgid: dict[int, int] = {}
+        self._next_fh = 1
+        self._snap: Snapshot | None = None
+        self._images: dict[tuple[int, bool], bytes] = {}  # (id(snapshot), show) -> image
+        self._section_cache: dict = {}
+        self._coalescer = Coalescer(self._read_sources)
+        self.latest_size = 0
+        self.mtime = time.time()
+
+    # -- snapshots -------------------------------------------------------------------
+    def _read_sources(self) -> Snapshot:
+        snap = take_snapshot(self.sources, section_cache=self._section_cache,
+                             previous=self._snap)
+        if snap is not self._snap:
+            self.mtime = time.time()
+        return snap
+
+    def _image_for(self, snap: Snapshot, show: bool) -> bytes:
+        key = (id(snap), show)
+        with self._lock:
+            img = self._images.get(key)
+        if img is not None:
+            return img
+        target = self.target or make_target(address_bits=snap.table.address_bits)
+        img = build_image(snap.table, target, snap.load_order, not show, snap.section_bases)
+        with self._lock:
+            if snap is not self._snap:  # a new kernel state: forget the old images
+                self._images = {k: v for k, v in self._images.items() if k[0] == id(snap)}
+                self._snap = snap
+            self._images[key] = img
+            self.latest_size = len(img)
+        return img
+
+    def prime(self) -> bytes:
+        """Build a first snapshot (mount time): fails early on bad sources, sizes stat."""
+        snap = self._coalescer.get()
+        return self._image_for(snap, True)
+
+    def snapshot(self, show: bool) -> bytes:
+        try:
+            return self._image_for(self._coalescer.get(), show)
+        except MemoryError:
+            raise DeviceError(errno.ENOMEM, "out of memory building a snapshot") from None
+
+    # -- who is asking ------------------------------------------------------------------
+    def _creds(self, tid: int):
+        creds = process_creds(tid, self.procfs)
+        if creds is None:
+            raise DeviceError(errno.ENXIO, f"cannot identify process {tid}")
+        return creds
+
+    def may_see_addresses(self, tid: int) -> bool:
+        creds = self._creds(tid)
+        return kallsyms_show_value(read_sysctls(self.sysctl_dir), creds.cap_syslog)
+
+    # -- file operations ---------------------------------------------------------------
+    def open(self, tid: int, flags: int) -> int:
+        """A fresh snapshot for the calling process; EBUSY if it already has one open."""
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise DeviceError(errno.EROFS, "read-only device")
+        creds = self._creds(tid)
+        with self._lock:
+            if creds.tgid in self._by_tgid:
+                raise DeviceError(errno.EBUSY, f"process {creds.tgid} already has it open")
+            if len(self._handles) >= self.max_open:
+                raise DeviceError(errno.ENOMEM, f"{self.max_open} snapshots already open")
+            fh = self._next_fh
+            self._next_fh += 1
+            self._by_tgid[creds.tgid] = fh  # reserve: a racing thread of ours gets EBUSY
+            self._handles[fh] = Handle(creds.tgid, b"", False, time.time())
+        try:
+            show = kallsyms_show_value(read_sysctls(self.sysctl_dir), creds.cap_syslog)
+            image = self.snapshot(show)
+        except BaseException:
+            self.release(fh)
+            raise
+        with self._lock:
+            self._handles[fh] = Handle(creds.tgid, image, show, time.time())
+        return fh
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        h = self._handles.get(fh)
+        if h is None:
+            raise DeviceError(errno.EBADF)
+        return h.image[offset:offset + size] if offset >= 0 else b""
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            h = self._handles.pop(fh, None)
+            if h is not None and self._by_tgid.get(h.tgid) == fh:
+                del self._by_tgid[h.tgid]
+
+    def size_for(self, tid: int) -> int:
+        """stat size: the caller's open snapshot, else the latest snapshot built."""
+        creds = process_creds(tid, self.procfs) if tid else None
+        if creds is not None:
+            with self._lock:
+                fh = self._by_tgid.get(creds.tgid)
+                h = self._handles.get(fh) if fh else None
+            if h is not None and h.image:
+                return len(h.image)
+        return self.latest_size
+
+    def ioctl(self, fh: int, cmd: int) -> bytes:
+        """KIOCGSIZE -> the snapshot's size as a size_t; anything else ENOTTY."""
+        cmd &= 0xFFFFFFFF
+        h = self._handles.get(fh)
+        if h is None:
+            raise DeviceError(errno.EBADF)
+        if cmd == KIOCGSIZE:
+            return struct.pack("=Q", len(h.image))
+        if cmd == KIOCGADDR:  # the snapshot lives in the daemon, not in the caller
+            raise DeviceError(errno.ENOTTY, "KIOCGADDR is not supported over FUSE")
+        raise DeviceError(errno.ENOTTY)
+
+    def open_count(self) -> int:
+        with self._lock:
+            return len(self._handles)

@@ -1,0 +1,109 @@
+"""The FUSE adapter (the only module importing fusepy): delegate to Device, map errors to errno."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import stat
+import time
+
+from fuse import FUSE, FuseOSError, Operations, fuse_get_context
+
+from .device import Device
+from .errors import KsymsError
+
+log = logging.getLogger(__name__)
+
+
+def _errno_of(e: BaseException) -> int:
+    if isinstance(e, KsymsError):
+        return e.errno
+    if isinstance(e, MemoryError):
+        return errno.ENOMEM
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    return errno.EIO
+
+
+class KsymsOperations(Operations):
+    """A single read-only regular file: the mount point itself is the device node."""
+
+    use_ns = True
+
+    def __init__(self, device: Device, uid: int, gid: int):
+        self.device = device
+        self.uid, self.gid = uid, gid
+        self.mounted_at = time.time()
+
+    def __call__(self, op, *args):
+        try:
+            return super().__call__(op, *args)
+        except FuseOSError:
+            raise
+        except Exception as e:  # noqa: BLE001  every failure becomes an errno, logged
+            err = _errno_of(e)
+            (log.debug if isinstance(e, KsymsError) else log.exception)(
+                "%s failed: %s (errno %s)", op, e, errno.errorcode.get(err, err))
+            raise FuseOSError(err) from None
+
+    def getattr(self, path, fh=None):
+        if path != "/":
+            raise FuseOSError(errno.ENOENT)
+        _uid, _gid, pid = fuse_get_context()
+        t = int(self.device.mtime * 1e9)
+        return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_uid": self.uid,
+                "st_gid": self.gid, "st_size": self.device.size_for(pid),
+                "st_atime": t, "st_mtime": t, "st_ctime": t, "st_blksize": 4096}
+
+    def open(self, path, fi):
+        _uid, _gid, pid = fuse_get_context()
+        fi.fh = self.device.open(pid, fi.flags)
+        fi.direct_io = True   # every read reaches us with this open's handle
+        fi.keep_cache = False
+        return 0
+
+    def read(self, path, size, offset, fi):
+        return self.device.read(fi.fh, size, offset)
+
+    def release(self, path, fi):
+        self.device.release(fi.fh)
+        return 0
+
+    def ioctl(self, path, cmd, arg, fi, flags, data):
+        out = self.device.ioctl(fi.fh, cmd)
+        if not data:
+            raise FuseOSError(errno.EFAULT)
+        ctypes.memmove(data, out, len(out))
+        return 0
+
+    def statfs(self, path):
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
+
+    def access(self, path, amode):
+        if amode & 2:  # W_OK
+            raise FuseOSError(errno.EROFS)
+        return 0
+
+    # Everything that would change anything: read-only file system.
+    def _rofs(self, *args):
+        raise FuseOSError(errno.EROFS)
+
+    chmod = chown = create = link = mkdir = mknod = rename = rmdir = _rofs
+    setxattr = removexattr = symlink = truncate = unlink = utimens = write = _rofs
+
+    def readdir(self, path, fh):
+        raise FuseOSError(errno.ENOTDIR)
+
+
+def serve(device: Device, mountpoint: str, *, foreground: bool = True,
+          allow_other: bool = False, debug: bool = False, uid: int = 0, gid: int = 0,
+          extra: dict | None = None) -> None:
+    """Run the FUSE loop until unmounted or SIGINT/SIGTERM (libfuse then unmounts)."""
+    opts = dict(extra or {})
+    if allow_other:
+        opts["allow_other"] = True
+    FUSE(KsymsOperations(device, uid, gid), mountpoint, raw_fi=True, foreground=foreground,
+         debug=debug, nothreads=False, ro=True, default_permissions=True,
+         fsname="ksymsfs", subtype="ksymsfs", attr_timeout=0, entry_timeout=0,
+         negative_timeout=0, **opts)
