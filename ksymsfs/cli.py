@@ -186,9 +186,15 @@ def cmd_umount(a: argparse.Namespace) -> int:
 def _mount_fuse_form(argv: list[str]) -> list[str]:
     """``ksymsfs SOURCE MOUNTPOINT -o opts`` (as mount.fuse calls it) -> ``mount`` argv."""
     if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-"):
-        source, rest = argv[0], argv[1:]
+        source, rest, keep = argv[0], argv[1:], []
+        while rest:  # mount(8) helpers also get -t TYPE and -n/-s/-v: not ours to use
+            arg = rest.pop(0)
+            if arg == "-t" and rest:
+                rest.pop(0)
+            elif arg not in ("-n", "-s", "-v"):
+                keep.append(arg)
         extra = ["--kallsyms", source] if os.path.isfile(source) else []
-        return ["mount", *extra, *rest]
+        return ["mount", *extra, *keep]
     return argv
 
 

@@ -1,0 +1,394 @@
+"""The mounted device: FreeBSD open semantics, tools on the mount, churn, signals, leaks."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ksymsfs import KIOCGADDR, KIOCGSIZE, nlist, parse_image
+from ksymsfs.mount import mount_state
+from tests.fuse_harness import Mount, env, ksymsfs_cmd, read_all, require_fuse
+
+pytestmark = pytest.mark.fuse
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(autouse=True)
+def _need_fuse():
+    require_fuse()
+
+
+def write_sources(d: Path, modules: list[str], nkernel: int = 2000) -> tuple[Path, Path]:
+    """A small kernel plus ``modules`` (oldest first), written as /proc would show them."""
+    d.mkdir(parents=True, exist_ok=True)
+    lines = [f"{0xffffffff81000000 + 16 * i:016x} {'T' if i % 3 else 't'} kfunc_{i}\n"
+             for i in range(nkernel)]
+    mods = []
+    for k, m in reversed(list(enumerate(modules))):  # newest first, as the kernel lists
+        base = 0xffffffffc0000000 + 0x100000 * k
+        lines += [f"{base + 32 * j:016x} t {m}_fn{j}\t[{m}]\n" for j in range(20)]
+        lines.append(f"{base + 0x8000:016x} d {m}_data\t[{m}]\n")
+        mods.append(f"{m} 16384 0 - Live 0x{base:016x}\n")
+    tmp = d / "kallsyms.tmp"
+    tmp.write_text("".join(lines))
+    os.replace(tmp, d / "kallsyms")
+    tmp = d / "modules.tmp"
+    tmp.write_text("".join(mods))
+    os.replace(tmp, d / "modules")
+    return d / "kallsyms", d / "modules"
+
+
+@pytest.fixture
+def captured(tmp_path):
+    ks, mods = write_sources(tmp_path / "src", ["alpha", "beta"])
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+    yield m, tmp_path / "src"
+    m.stop()
+
+
+@pytest.fixture(scope="module")
+def live_mount(tmp_path_factory):
+    require_fuse()
+    d = tmp_path_factory.mktemp("live")
+    m = Mount(d / "ksyms")
+    yield m
+    m.stop()
+
+
+# -- tools read the mount exactly like a saved copy -----------------------------------------
+TOOLS = [["readelf", "-a", "-W"], ["nm"], ["eu-readelf", "-a"], ["eu-nm"], ["llvm-nm"],
+         ["objdump", "-t"]]
+
+
+@pytest.mark.parametrize("tool", TOOLS, ids=lambda t: t[0])
+def test_tools_same_on_mount_and_saved_image(live_mount, tmp_path, tool):
+    if shutil.which(tool[0]) is None:
+        pytest.fail(f"{tool[0]} not installed")
+    saved = tmp_path / "saved.elf"
+    saved.write_bytes(read_all(live_mount.path))
+    on_mount = subprocess.run([*tool, str(live_mount.path)], capture_output=True)
+    on_file = subprocess.run([*tool, str(saved)], capture_output=True)
+    assert on_mount.returncode == 0, on_mount.stderr
+    assert on_mount.stderr == b"" and on_file.stderr == b""
+    assert on_mount.stdout.replace(str(live_mount.path).encode(), b"IMG") == \
+        on_file.stdout.replace(str(saved).encode(), b"IMG")
+    assert len(on_mount.stdout) > 1000
+
+
+def test_nm_prints_every_kallsyms_symbol(live_mount):
+    out = subprocess.run(["nm", "--no-sort", str(live_mount.path)], capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    with open("/proc/kallsyms") as f:
+        want = sum(1 for _ in f)
+    assert abs(len(out) - want) <= 200  # the kernel may change a little meanwhile
+
+
+def test_package_nlist_on_mount(live_mount):
+    hits = nlist(str(live_mount.path), ["_stext", "no_such_symbol_xyz"])
+    assert hits["no_such_symbol_xyz"] == []
+    (h,) = hits["_stext"]
+    assert h.n_type == 0x4 | 0x1  # N_TEXT | N_EXT
+
+
+# -- FreeBSD open semantics ------------------------------------------------------------------
+def test_second_open_same_process_is_ebusy(captured):
+    m, _ = captured
+    fd = os.open(m.path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            os.open(m.path, os.O_RDONLY)
+        assert e.value.errno == errno.EBUSY
+        box = []
+
+        def other_thread():
+            try:
+                os.close(os.open(m.path, os.O_RDONLY))
+                box.append("opened")
+            except OSError as err:
+                box.append(err.errno)
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+        assert box == [errno.EBUSY]
+    finally:
+        os.close(fd)
+    os.close(os.open(m.path, os.O_RDONLY))  # after close: fine again
+
+
+def _child_reads(path, barrier, q):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        barrier.wait(10)
+        size = os.fstat(fd).st_size
+        chunks = []
+        while True:
+            c = os.read(fd, 65536)
+            if not c:
+                break
+            chunks.append(c)
+        data = b"".join(chunks)
+        barrier.wait(10)
+        os.close(fd)
+        img = parse_image(data)
+        q.put((size, len(data), len(img)))
+    except Exception as e:  # noqa: BLE001
+        q.put(repr(e))
+
+
+def test_two_processes_at_once_each_get_a_whole_image(captured):
+    m, _ = captured
+    ctx = mp.get_context("fork")
+    barrier, q = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_child_reads, args=(str(m.path), barrier, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(10)
+    for r in results:
+        assert isinstance(r, tuple), r
+        size, nread, nsyms = r
+        assert size == nread and nsyms == 2000 + 2 * 21
+
+
+def test_forked_child_may_open_while_parent_has_it_open(captured):
+    m, _ = captured
+    fd = os.open(m.path, os.O_RDONLY)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(os.open(m.path, os.O_RDONLY))
+                os._exit(0)
+            except OSError as e:
+                os._exit(e.errno)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(fd)
+
+
+def test_open_for_writing_is_refused_and_nothing_is_written(captured):
+    m, src = captured
+    before = (src / "kallsyms").read_bytes()
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC):
+        with pytest.raises(OSError) as e:
+            os.open(m.path, flags)
+        assert e.value.errno in (errno.EROFS, errno.EACCES)
+    for op in (lambda: os.truncate(m.path, 0), lambda: os.chmod(m.path, 0o666),
+               lambda: os.chown(m.path, 1, 1), lambda: os.utime(m.path, (1, 1)),
+               lambda: os.setxattr(m.path, "user.x", b"1")):
+        with pytest.raises(OSError) as e:
+            op()
+        assert e.value.errno == errno.EROFS
+    with pytest.raises(OSError) as e:
+        os.open(os.path.join(m.path, "x"), os.O_RDONLY | os.O_CREAT)
+    assert e.value.errno == errno.ENOTDIR
+    assert (src / "kallsyms").read_bytes() == before
+
+
+# -- size, reads, ioctl -----------------------------------------------------------------------
+def test_kiocgsize_equals_fstat_equals_bytes_read(captured):
+    m, _ = captured
+    fd = os.open(m.path, os.O_RDONLY)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, KIOCGSIZE, buf)
+        (ksize,) = struct.unpack("=Q", buf)
+        data = b""
+        while chunk := os.read(fd, 7777):
+            data += chunk
+        assert ksize == os.fstat(fd).st_size == len(data) == os.stat(m.path).st_size
+        assert os.pread(fd, 100, len(data)) == b""
+        assert os.pread(fd, 100, len(data) + 12345) == b""
+        assert os.pread(fd, 16, 1) == data[1:17]
+        with pytest.raises(OSError) as e:
+            fcntl.ioctl(fd, KIOCGADDR, bytearray(8))
+        assert e.value.errno == errno.ENOTTY
+        with pytest.raises(OSError) as e:
+            fcntl.ioctl(fd, 0x80086C7F, bytearray(8))
+        assert e.value.errno == errno.ENOTTY
+        mm = mmap.mmap(fd, 0, mmap.MAP_PRIVATE, mmap.PROT_READ)
+        assert mm[:] == data
+        mm.close()
+    finally:
+        os.close(fd)
+
+
+def test_stat_before_any_open_reports_real_size(tmp_path):
+    ks, mods = write_sources(tmp_path / "src", ["alpha"])
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+    try:
+        assert os.stat(m.path).st_size > 0
+        out = subprocess.run(["nm", str(m.path)], capture_output=True, text=True)
+        assert out.returncode == 0 and "kfunc_1" in out.stdout
+    finally:
+        m.stop()
+
+
+# -- fresh snapshots ---------------------------------------------------------------------------
+def test_module_change_shows_in_next_open_not_in_open_one(captured):
+    m, src = captured
+    fd = os.open(m.path, os.O_RDONLY)
+    try:
+        write_sources(src, ["alpha", "beta", "gamma"])  # load gamma
+        old = os.pread(fd, 1 << 26, 0)
+        assert nlist(old, ["gamma_fn0"])["gamma_fn0"] == []
+        pid = os.fork()
+        if pid == 0:
+            new = read_all(m.path)
+            os._exit(0 if nlist(new, ["gamma_fn0"])["gamma_fn0"] else 1)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert os.pread(fd, 1 << 26, 0) == old  # still this open's own snapshot
+    finally:
+        os.close(fd)
+    write_sources(src, ["beta"])  # unload alpha and gamma
+    img = parse_image(read_all(m.path))
+    assert set(img.modules) == {"", "beta"}
+
+
+def _churn(modules_path: Path, stop):
+    i = 0
+    tmp = modules_path.with_suffix(".churn")
+    while not stop.is_set():
+        tmp.write_text(f"m{i} 16384 0 - Live 0xffffffffc0000000\n")
+        os.replace(tmp, modules_path)
+        i += 1
+
+
+def test_sources_changing_during_read_give_enxio(tmp_path):
+    ks, mods = write_sources(tmp_path / "src", [], nkernel=300000)
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+    try:
+        ctx = mp.get_context("fork")
+        stop = ctx.Event()
+        writer = ctx.Process(target=_churn, args=(mods, stop))
+        writer.start()
+        try:
+            time.sleep(0.2)
+            with pytest.raises(OSError) as e:
+                os.open(m.path, os.O_RDONLY)
+            assert e.value.errno == errno.ENXIO
+        finally:
+            stop.set()
+            writer.join(10)
+        write_sources(tmp_path / "src", [], nkernel=10)
+        os.close(os.open(m.path, os.O_RDONLY))  # calm again: opens work
+    finally:
+        m.stop()
+
+
+# -- no leaks ----------------------------------------------------------------------------------
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_thousand_open_read_close_cycles_do_not_leak(captured):
+    m, _ = captured
+    for _ in range(50):
+        read_all(m.path)
+    fds0, rss0 = len(os.listdir(f"/proc/{m.pid}/fd")), _rss_kb(m.pid)
+    for _ in range(1000):
+        with open(m.path, "rb") as f:
+            assert f.read(4) == b"\x7fELF"
+            f.read()
+    fds1, rss1 = len(os.listdir(f"/proc/{m.pid}/fd")), _rss_kb(m.pid)
+    assert fds1 <= fds0
+    assert rss1 - rss0 < 20 * 1024, (rss0, rss1)
+
+
+# -- lifecycle ---------------------------------------------------------------------------------
+def test_sigterm_unmounts(captured):
+    m, _ = captured
+    m.proc.send_signal(signal.SIGTERM)
+    m.proc.wait(20)
+    assert mount_state(str(m.path)) == "none"
+
+
+def test_killed_daemon_leaves_stale_mount_that_force_recovers(tmp_path):
+    ks, mods = write_sources(tmp_path / "src", ["alpha"])
+    mp_ = tmp_path / "ksyms"
+    m = Mount(mp_, "--kallsyms", str(ks), "--modules", str(mods))
+    m.proc.send_signal(signal.SIGKILL)
+    m.proc.wait(10)
+    try:
+        assert mount_state(str(mp_)) == "stale"
+        r = subprocess.run(ksymsfs_cmd("mount", "--kallsyms", str(ks), str(mp_)),
+                           capture_output=True, text=True, env=env())
+        assert r.returncode == 1
+        assert "stale mount" in r.stderr and "--force" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        r = subprocess.run(ksymsfs_cmd("mount", "--force", "--kallsyms", str(ks),
+                                       "--modules", str(mods), str(mp_)),
+                           capture_output=True, text=True, env=env())
+        assert r.returncode == 0, r.stderr
+        assert parse_image(read_all(mp_)).modules.count("alpha") == 21
+        r = subprocess.run(ksymsfs_cmd("umount", str(mp_)), capture_output=True, env=env())
+        assert r.returncode == 0 and mount_state(str(mp_)) == "none"
+    finally:
+        m.stop()
+        if mount_state(str(mp_)) != "none":
+            subprocess.run(["fusermount", "-uz", str(mp_)])
+
+
+def test_already_mounted_is_refused(captured):
+    m, src = captured
+    r = subprocess.run(ksymsfs_cmd("mount", "--kallsyms", str(src / "kallsyms"), str(m.path)),
+                       capture_output=True, text=True, env=env())
+    assert r.returncode == 1 and "already mounted" in r.stderr
+
+
+def test_daemon_mode_and_mount_fuse_form(tmp_path):
+    ks, mods = write_sources(tmp_path / "src", ["alpha"])
+    mp_ = tmp_path / "ksyms"
+    r = subprocess.run(ksymsfs_cmd("ksymsfs", str(mp_), "-o",
+                                   f"ro,nosuid,kallsyms={ks},modules={mods}"),
+                       capture_output=True, text=True, env=env(), timeout=60)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert mount_state(str(mp_)) == "mounted"
+        assert "alpha_fn3" in subprocess.run(["nm", str(mp_)], capture_output=True,
+                                             text=True).stdout
+    finally:
+        subprocess.run(ksymsfs_cmd("umount", str(mp_)), env=env())
+    assert mount_state(str(mp_)) == "none"
+
+
+def test_mount_fuse_helper_protocol(tmp_path):
+    """mount.fuse(8), as `mount -t fuse.ksymsfs` / an fstab line runs it, starts us."""
+    helper = shutil.which("mount.fuse") or shutil.which("mount.fuse3")
+    if not helper:
+        pytest.fail("mount.fuse missing (apt package fuse)")
+    ks, mods = write_sources(tmp_path / "src", ["alpha"])
+    mp_ = tmp_path / "ksyms"
+    mp_.touch()
+    e = env()
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "ksymsfs").write_text(f"#!/bin/sh\nexec {sys.executable} -m ksymsfs \"$@\"\n")
+    (shim / "ksymsfs").chmod(0o755)
+    e["PATH"] = f"{shim}:{e['PATH']}"
+    r = subprocess.run([helper, "ksymsfs", str(mp_), "-t", "fuse.ksymsfs", "-o",
+                        f"ro,nosuid,nodev,kallsyms={ks},modules={mods}"],
+                       capture_output=True, text=True, timeout=60, env=e)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert "alpha_fn3" in subprocess.run(["nm", str(mp_)], capture_output=True,
+                                             text=True).stdout
+    finally:
+        subprocess.run(ksymsfs_cmd("umount", str(mp_)), env=env())
+    assert mount_state(str(mp_)) == "none"
