@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
                         "would show them (kallsyms_show_value)")
     m.add_argument("--max-open", type=int, default=64, metavar="N",
                    help="concurrent open snapshots before opens fail with ENOMEM (default 64)")
+    m.add_argument("--sysctl-dir", default="/proc/sys/kernel", metavar="DIR",
+                   help="where kptr_restrict and perf_event_paranoid are read (tests)")
     m.add_argument("--force", action="store_true",
                    help="lazily unmount a stale mount at MOUNTPOINT first")
     m.add_argument("-o", dest="options", metavar="OPTS", help="comma-separated mount options")
@@ -198,12 +200,22 @@ def _mount_fuse_form(argv: list[str]) -> list[str]:
     return argv
 
 
+def _setup_logging(debug: bool) -> None:
+    """Our messages go to stderr as 'ksymsfs: ...', whatever the host program configured."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("ksymsfs: %(message)s"))
+    for name in ("ksymsfs", "fuse"):
+        lg = logging.getLogger(name)
+        lg.handlers = [handler]
+        lg.propagate = False
+        lg.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
 def cli(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit status (0 ok, 1 runtime failure, 2 bad input)."""
     argv = _mount_fuse_form(list(sys.argv[1:] if argv is None else argv))
     a = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
-                        format="ksymsfs: %(message)s")
+    _setup_logging(a.debug)
     if a.cmd is None:
         _parser().print_help()
         return 2

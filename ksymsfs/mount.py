@@ -109,7 +109,7 @@ def _make_device(a) -> Device:
     target = None
     if a.arch or cls or a.endian:
         target = make_target(a.arch, cls, a.endian)
-    return Device(src, target, max_open=a.max_open)
+    return Device(src, target, max_open=a.max_open, sysctl_dir=a.sysctl_dir)
 
 
 def run_mount(a) -> int:

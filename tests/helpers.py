@@ -1,0 +1,135 @@
+"""Test helpers: run the CLI, parse kallsyms text independently, run the nlist(3) client."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+DATA = TESTS / "data"
+BAD = DATA / "bad"
+
+if str(REPO) not in sys.path:  # plain `pytest` (not `python -m pytest`) from anywhere
+    sys.path.insert(0, str(REPO))
+
+# Captured dumps with lines that are not symbol lines (HTTP headers, "[+] ..." banners,
+# grep "--" separators): they only build with --lenient.
+LENIENT_DUMPS = {"noonkey-mips32-http-crlf", "mico-armle-vmlinuxtoelf", "ebpfexp-arm64-excerpt"}
+DUMPS = sorted(p.name for p in DATA.iterdir() if (p / "kallsyms").is_file())
+
+IN_CI = bool(os.environ.get("CI"))
+
+# One kallsyms symbol line, parsed independently of ksymsfs.kallsyms (a regex, not numpy).
+SYMBOL_LINE = re.compile(
+    rb"^(?P<addr>[0-9a-fA-F]{8}|[0-9a-fA-F]{16}) (?P<letter>\S) (?P<name>[^\s]+)"
+    rb"(?:\t\[(?P<module>[^\s\]]+)\])?$")
+
+
+@dataclass(frozen=True)
+class Sym:
+    """One input symbol line."""
+
+    addr: int
+    letter: str
+    name: str
+    module: str  # "" for the kernel itself
+    text: str    # the line as the kernel printed it (CR/LF stripped)
+    width: int   # hex digits of the address field
+
+
+def parse_input(data: bytes) -> tuple[list[Sym], list[int]]:
+    """kallsyms bytes -> (symbol lines, 1-based numbers of the lines that are not symbols)."""
+    syms: list[Sym] = []
+    junk: list[int] = []
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for no, raw in enumerate(lines, start=1):
+        line = raw[:-1] if raw.endswith(b"\r") else raw
+        m = SYMBOL_LINE.match(line)
+        if not m:
+            junk.append(no)
+            continue
+        dec = lambda b: b.decode("utf-8", "surrogateescape")  # noqa: E731
+        syms.append(Sym(int(m["addr"], 16), dec(m["letter"]), dec(m["name"]),
+                        dec(m["module"] or b""), dec(line), len(m["addr"])))
+    return syms, junk
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"]
+                                     if env.get("PYTHONPATH") else "")
+    env.pop("KSYMSFS_DEBUG", None)
+    return env
+
+
+def run_ksymsfs(*args: str | os.PathLike, timeout: float = 120,
+                **kw) -> subprocess.CompletedProcess:
+    """``python -m ksymsfs ARGS``; bytes stdout/stderr, never raises on exit status."""
+    return subprocess.run([sys.executable, "-m", "ksymsfs", *map(str, args)],
+                          capture_output=True, env=cli_env(), cwd=str(REPO),
+                          timeout=timeout, **kw)
+
+
+def snapshot(out: os.PathLike | str, kallsyms: os.PathLike | str | None = None,
+             modules: os.PathLike | str | None = None, lenient: bool = False,
+             elfclass: str | None = None, extra: tuple[str, ...] = ()
+             ) -> subprocess.CompletedProcess:
+    """``ksymsfs snapshot [--kallsyms P] [--modules M] [--lenient] [--class C] -o OUT``."""
+    args: list[str] = ["snapshot"]
+    if kallsyms is not None:
+        args += ["--kallsyms", str(kallsyms)]
+    if modules is not None:
+        args += ["--modules", str(modules)]
+    if lenient:
+        args.append("--lenient")
+    if elfclass is not None:
+        args += ["--class", elfclass]
+    args += [*extra, "-o", str(out)]
+    return run_ksymsfs(*args)
+
+
+def build_ok(out: os.PathLike | str, **kw) -> Path:
+    """snapshot() that must succeed; returns the image path."""
+    r = snapshot(out, **kw)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    return Path(out)
+
+
+def run_tool(*argv: str | os.PathLike, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in argv], capture_output=True, timeout=timeout)
+
+
+def need_tool(name: str) -> str:
+    """Path of an external tool; a missing tool fails under CI and skips elsewhere."""
+    path = shutil.which(name)
+    if path is None:
+        msg = f"{name} is not installed"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+def run_nlist_client(client: Path, image: Path, names: list[str]
+                     ) -> tuple[dict[str, tuple[int, int]], int]:
+    """-> ({name: (n_type, n_value)}, nlist() return value)."""
+    r = subprocess.run([str(client), str(image), *names], capture_output=True, timeout=60)
+    lines = r.stdout.decode("utf-8", "surrogateescape").splitlines()
+    assert len(lines) == len(names) + 1, (r.stdout, r.stderr)
+    got = {}
+    for name, line in zip(names, lines):
+        n, t, v = line.rsplit(" ", 2)
+        assert n == name
+        got[name] = (int(t, 16), int(v, 16))
+    rc = int(lines[-1].split()[0])
+    return got, rc

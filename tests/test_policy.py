@@ -1,0 +1,206 @@
+"""Addresses only for openers the kernel would show them to (kallsyms_show_value)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ksymsfs import parse_image
+from ksymsfs.cli import cli
+from ksymsfs.device import Device, DeviceError
+from ksymsfs.policy import Sysctls, kallsyms_show_value, process_creds, read_sysctls
+from ksymsfs.sources import Sources
+from tests.fuse_harness import Mount, require_fuse
+
+KS = "".join(f"{0xffffffff81000000 + 32 * i:016x} T f{i}\n" for i in range(100))
+
+
+@pytest.mark.parametrize("kptr,paranoid,cap,want", [
+    (0, -1, False, True), (0, 1, False, True), (0, 2, False, False), (0, 2, True, True),
+    (1, -1, False, False), (1, 1, True, True), (2, -1, True, False), (2, 2, True, False),
+])
+def test_show_value_matches_kernel_rules(kptr, paranoid, cap, want):
+    assert kallsyms_show_value(Sysctls(kptr, paranoid), cap) is want
+
+
+def test_unreadable_sysctls_count_as_most_restrictive(tmp_path):
+    assert read_sysctls(str(tmp_path)) == Sysctls(2, 3)
+
+
+def fake_proc(root: Path, pid: int, tgid: int, uid: int, capeff: int, kptr=0, paranoid=2):
+    (root / str(pid)).mkdir(parents=True, exist_ok=True)
+    (root / str(pid) / "status").write_text(
+        f"Name:\tx\nTgid:\t{tgid}\nPid:\t{pid}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
+        f"CapEff:\t{capeff:016x}\n")
+    (root / "sys" / "kernel").mkdir(parents=True, exist_ok=True)
+    (root / "sys" / "kernel" / "kptr_restrict").write_text(f"{kptr}\n")
+    (root / "sys" / "kernel" / "perf_event_paranoid").write_text(f"{paranoid}\n")
+
+
+def test_process_creds_reads_tgid_and_cap_syslog(tmp_path):
+    fake_proc(tmp_path, 101, 100, 0, 1 << 34)
+    fake_proc(tmp_path, 201, 200, 65534, 0)
+    assert process_creds(101, str(tmp_path)).cap_syslog is True
+    c = process_creds(201, str(tmp_path))
+    assert (c.tgid, c.uid, c.cap_syslog) == (200, 65534, False)
+    assert process_creds(999, str(tmp_path)) is None
+
+
+@pytest.mark.parametrize("kptr,paranoid,capeff,real", [
+    (0, 2, 1 << 34, True), (0, 2, 0, False), (0, 1, 0, True), (1, 2, 1 << 34, True),
+    (2, -1, (1 << 64) - 1, False),
+])
+def test_device_zeroes_addresses_by_policy(tmp_path, kptr, paranoid, capeff, real):
+    ks = tmp_path / "kallsyms"
+    ks.write_text(KS)
+    proc = tmp_path / "proc"
+    fake_proc(proc, 11, 10, 1000, capeff, kptr, paranoid)
+    dev = Device(Sources(str(ks), None), procfs=str(proc))
+    fh = dev.open(11, os.O_RDONLY)
+    img = parse_image(dev.read(fh, 1 << 24, 0))
+    assert bool(np.any(img.syms["st_value"])) is real
+    assert len(img) == 100
+    with pytest.raises(DeviceError) as e:  # another thread of the same process
+        fake_proc(proc, 12, 10, 1000, capeff, kptr, paranoid)
+        dev.open(12, os.O_RDONLY)
+    assert e.value.errno == errno.EBUSY
+    dev.release(fh)
+    assert dev.open_count() == 0
+
+
+def test_images_for_different_policies_are_never_shared(tmp_path):
+    ks = tmp_path / "kallsyms"
+    ks.write_text(KS)
+    proc = tmp_path / "proc"
+    fake_proc(proc, 11, 11, 0, 1 << 34)
+    fake_proc(proc, 21, 21, 65534, 0)
+    dev = Device(Sources(str(ks), None), procfs=str(proc))
+    a, b = dev.open(11, os.O_RDONLY), dev.open(21, os.O_RDONLY)
+    real, hidden = parse_image(dev.read(a, 1 << 24, 0)), parse_image(dev.read(b, 1 << 24, 0))
+    assert real.syms["st_value"].any() and not hidden.syms["st_value"].any()
+    assert hidden.names() == real.names()
+    assert dev.size_for(21) == len(dev.read(b, 1 << 24, 0))
+    assert b"ffffffff81" not in dev.read(b, 1 << 24, 0)
+
+
+def _as_nobody(path: str) -> tuple[int, bytes]:
+    nobody = pwd.getpwnam("nobody")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            with open(path, "rb") as f:
+                data = f.read()
+            os.write(w, b"OK" + data)
+            os._exit(0)
+        except OSError as e:
+            os.write(w, f"E{e.errno}".encode())
+            os._exit(1)
+    os.close(w)
+    chunks = []
+    while c := os.read(r, 1 << 20):
+        chunks.append(c)
+    os.close(r)
+    os.waitpid(pid, 0)
+    out = b"".join(chunks)
+    return (0, out[2:]) if out.startswith(b"OK") else (int(out[1:]), b"")
+
+
+@pytest.mark.fuse
+def test_default_mount_refuses_other_users(tmp_path):
+    require_fuse()
+    m = Mount(tmp_path / "ksyms")
+    try:
+        err, _ = _as_nobody(str(m.path))
+        assert err == errno.EACCES
+    finally:
+        m.stop()
+
+
+@pytest.fixture
+def public_dir():
+    """A directory every user can traverse (pytest's tmp_path is root-only)."""
+    d = Path(tempfile.mkdtemp(prefix="ksymsfs-test-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.fuse
+def test_allow_other_gives_unprivileged_opener_zero_addresses(public_dir):
+    require_fuse()
+    m = Mount(public_dir / "ksyms", "--allow-other")
+    try:
+        err, data = _as_nobody(str(m.path))
+        assert err == 0
+        hidden = parse_image(data)
+        assert len(hidden) > 1000 and not hidden.syms["st_value"].any()
+        with open(m.path, "rb") as f:
+            real = parse_image(f.read())
+        assert real.syms["st_value"].any()
+        assert sorted(hidden.names()) == sorted(real.names()) or \
+            abs(len(hidden) - len(real)) < 200
+    finally:
+        m.stop()
+
+
+@pytest.mark.fuse
+def test_allow_other_with_fixture_sysctls(public_dir):
+    """perf_event_paranoid <= 1 with kptr_restrict 0: the kernel shows everyone addresses."""
+    require_fuse()
+    sysctl = public_dir / "sysctl"
+    sysctl.mkdir()
+    (sysctl / "kptr_restrict").write_text("0\n")
+    (sysctl / "perf_event_paranoid").write_text("1\n")
+    m = Mount(public_dir / "ksyms", "--allow-other", "--sysctl-dir", str(sysctl))
+    try:
+        err, data = _as_nobody(str(m.path))
+        assert err == 0 and parse_image(data).syms["st_value"].any()
+        (sysctl / "kptr_restrict").write_text("2\n")  # now nobody, not even root
+        err, data = _as_nobody(str(m.path))
+        assert err == 0 and not parse_image(data).syms["st_value"].any()
+        with open(m.path, "rb") as f:
+            assert not parse_image(f.read()).syms["st_value"].any()
+    finally:
+        m.stop()
+
+
+def test_unprivileged_snapshot_says_addresses_are_hidden(public_dir):
+    """`ksymsfs snapshot` run by a user the kernel hides addresses from warns about it."""
+    if int(Path("/proc/sys/kernel/perf_event_paranoid").read_text()) <= 1 and \
+            int(Path("/proc/sys/kernel/kptr_restrict").read_text()) == 0:
+        pytest.skip("this kernel shows every user addresses")
+    os.chmod(public_dir, 0o777)
+    out = public_dir / "img.elf"
+    err = public_dir / "stderr"
+    nobody = pwd.getpwnam("nobody")
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            fd = os.open(err, os.O_WRONLY | os.O_CREAT, 0o666)
+            os.dup2(fd, 2)
+            sys.stderr = os.fdopen(fd, "w")
+            code = cli(["snapshot", "-o", str(out)])
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, err.read_text()
+    text = err.read_text()
+    assert "zero" in text and "root" in text
+    assert not parse_image(out.read_bytes()).syms["st_value"].any()
