@@ -494,16 +494,10 @@ def _render(plan, tables, pbuf, poff, plen, seed: int, bits: int, a: int, b: int
     ln = plen[piece]
     cs = np.cumsum(ln)
     start = cs - ln - (cs - ln)[first][line]
-    is_end = pos == last
-    ln = np.where(is_end, ln, np.clip(MAX_NAME - start, 0, ln))
-    cs = np.cumsum(ln)
-    start = cs - ln - (cs - ln)[first][line]
+    ln = np.where(pos == last, ln, np.clip(MAX_NAME - start, 0, ln))
+    # header piece per line: fixed-width hex address, space, letter, space
     w = bits // 4
     hw = w + 3
-    linelen = hw + np.add.reduceat(ln, first)
-    loff = np.cumsum(linelen) - linelen
-    out = np.empty(int(linelen.sum()), np.uint8)
-    # header: fixed-width hex address, space, letter, space
     addr = plan["addr"][a:b]
     shifts = np.arange(w - 1, -1, -1, dtype=np.uint64) * np.uint64(4)
     hdr = np.empty((n, hw), np.uint8)
@@ -511,15 +505,24 @@ def _render(plan, tables, pbuf, poff, plen, seed: int, bits: int, a: int, b: int
     hdr[:, w] = 32
     hdr[:, w + 1] = plan["letter"][a:b]
     hdr[:, w + 2] = 32
-    out[loff[:, None] + np.arange(hw)] = hdr
-    # name pieces and line ends: one gather of every byte
-    keep = ln > 0
-    ln_k = ln[keep]
-    src0 = poff[piece[keep]]
-    dst0 = loff[line[keep]] + hw + start[keep]
-    rel = np.arange(int(ln_k.sum())) - np.repeat(np.cumsum(ln_k) - ln_k, ln_k)
-    out[np.repeat(dst0, ln_k) + rel] = pbuf[np.repeat(src0, ln_k) + rel]
-    return out.tobytes()
+    src = np.concatenate((pbuf, hdr.ravel()))
+    # every line = header + its pieces; lay all pieces end to end and gather their bytes
+    # with one cumsum: index steps by 1 inside a piece and jumps to the next piece's source
+    soff = np.empty(total + n, np.int64)
+    slen = np.empty(total + n, np.int64)
+    hpos = first + np.arange(n)          # where each line's header goes among the pieces
+    body = np.ones(total + n, bool)
+    body[hpos] = False
+    soff[hpos] = len(pbuf) + np.arange(n) * hw
+    slen[hpos] = hw
+    soff[body] = poff[piece]
+    slen[body] = ln
+    keep = slen > 0
+    soff, slen = soff[keep], slen[keep]
+    step = np.ones(int(slen.sum()), np.int64)
+    step[0] = soff[0]
+    step[(np.cumsum(slen) - slen)[1:]] = soff[1:] - (soff[:-1] + slen[:-1]) + 1
+    return src[np.cumsum(step)].tobytes()
 
 
 def generate(symbols: int, modules: int = 0, bits: int = 64, seed: int = 0,
