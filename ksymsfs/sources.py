@@ -162,11 +162,19 @@ def take_snapshot(src: Sources, tries: int = SNAPSHOT_TRIES,
 
 
 def _cross_check(table: SymbolTable, mods: list[ModuleInfo] | None, src: Sources) -> list[str]:
+    """Both files must describe one module set (pseudo modules and non-Live ones aside)."""
     if mods is None:
         return []
     listed = {m.name for m in mods}
+    live = {m.name for m in mods if m.state == "Live"}
+    in_ksyms = set(table.modules[1:])
+    out = []
     missing = [m for m in table.modules[1:] if m not in listed and not is_pseudo_module(m)]
     if missing:
-        return [f"{src.kallsyms} has symbols of module(s) not in {src.modules}: "
-                + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")]
-    return []
+        out.append(f"{src.kallsyms} has symbols of module(s) not in {src.modules}: "
+                   + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    absent = sorted(live - in_ksyms)
+    if absent:
+        out.append(f"{src.modules} lists module(s) with no symbols in {src.kallsyms}: "
+                   + ", ".join(absent[:5]) + (" ..." if len(absent) > 5 else ""))
+    return out

@@ -125,7 +125,6 @@ LAYOUT = {  # bits -> (kernel base, kernel end, module base, module end)
 CHUNK = 1 << 18  # lines rendered per numpy pass
 
 _HEXCHARS = np.frombuffer(b"0123456789abcdef", np.uint8)
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -139,8 +138,8 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 def _uniform(key: np.ndarray, salt: int, field: int) -> np.ndarray:
     """A uniform [0, 1) float per key: a counter-based RNG (same key, same draw)."""
-    h = _mix(key * np.uint64(0x9E3779B97F4A7C15)
-             + np.uint64((salt * 0x632BE59BD9B4E019 + field * 0xD6E8FEB86659FD93) & 0xFFFFFFFFFFFFFFFF))
+    mixed = (salt * 0x632BE59BD9B4E019 + field * 0xD6E8FEB86659FD93) & 0xFFFFFFFFFFFFFFFF
+    h = _mix(key * np.uint64(0x9E3779B97F4A7C15) + np.uint64(mixed))
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
@@ -261,11 +260,13 @@ def _plan(symbols: int, modules: int, bits: int, seed: int, module_fraction: flo
         pieces.add(s)
     vocab = [w.encode() for w in WORDS] + _syllable_words(rng, 4000)
     vocab_ids = np.array([pieces.add(w) for w in vocab], np.int64)
+    vocab_sep = np.array([pieces.add(b"_" + w) for w in vocab], np.int64)
     vlen = np.array([len(w) for w in vocab], np.float64)
-    zipf = 1.0 / (np.arange(len(vocab)) + 8.0)
-    tok_cdf = np.cumsum(zipf) / zipf.sum()
-    longw = zipf * (vlen >= 5)
-    long_cdf = np.cumsum(longw) / longw.sum()
+    zipf = 1.0 / (np.arange(len(vocab)) + 30.0)
+    bins = (np.arange(1 << 16) + 0.5) / (1 << 16)  # 16-bit hash -> word, Zipf-like
+    tok_tab = np.searchsorted(np.cumsum(zipf) / zipf.sum(), bins)
+    longw = (vlen >= 5).astype(np.float64)  # one-word names: any 5+ byte word
+    long_tab = np.searchsorted(np.cumsum(longw) / longw.sum(), bins)
 
     npseudo = 0 if symbols < 1000 else 1 + min(8, symbols // 20000)
     modules = min(modules, max(0, (symbols - npseudo) // 10))
@@ -319,8 +320,7 @@ def _plan(symbols: int, modules: int, bits: int, seed: int, module_fraction: flo
     mid = np.repeat(np.arange(modules), counts)
     mlet = _letters(rng, msyms, 1)
     firsts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
-    for k, (nm, let) in enumerate([(b"__this_module", "D"), (b"init_module", "t"),
-                                   (b"cleanup_module", "t")]):
+    for k, let in enumerate("Dtt"):  # __this_module, init_module, cleanup_module
         mlet[firsts + k] = ord(let)
     mreg = _REGION_OF[mlet]
     o = np.lexsort((mreg, mid))  # by module, then region
@@ -339,7 +339,8 @@ def _plan(symbols: int, modules: int, bits: int, seed: int, module_fraction: flo
     gsize = np.add.reduceat(g, gstart) if msyms else np.zeros(0, np.uint64)
     gsize = (gsize + np.uint64(0x10 + 0xFFF)) & ~np.uint64(0xFFF)  # page-aligned parts
     gmod = mid_s[gstart]
-    gbase = np.uint64(mbase) + (np.cumsum(gsize) - gsize) + gmod.astype(np.uint64) * np.uint64(0x1000)
+    guard = gmod.astype(np.uint64) * np.uint64(0x1000)  # a free page between modules
+    gbase = np.uint64(mbase) + (np.cumsum(gsize) - gsize) + guard
     maddr_s = gbase[np.cumsum(newgrp) - 1] + within
     maddr = np.empty(msyms, np.uint64)
     maddr[o] = maddr_s
@@ -367,8 +368,8 @@ def _plan(symbols: int, modules: int, bits: int, seed: int, module_fraction: flo
     if npseudo:
         pfixed[0] = pieces.add(b"ftrace_trampoline")
         for k in range(1, npseudo):
-            tag = "%016x" % int(rng.integers(0, 1 << 63))
-            nm = ("bpf_prog_%s_%s" % (tag, WORDS[int(rng.integers(0, 60))])).encode()
+            tag = int(rng.integers(0, 1 << 63))
+            nm = f"bpf_prog_{tag:016x}_{WORDS[int(rng.integers(0, 60))]}".encode()
             pfixed[k] = pieces.add(nm)
 
     # --- assemble per-line arrays in kallsyms order
@@ -401,7 +402,9 @@ def _plan(symbols: int, modules: int, bits: int, seed: int, module_fraction: flo
         "suf": {r: _choice_table(pieces, SUFFIXES.get(r, [(b"", 1)])) for r in range(5)},
         "special": np.array([pieces.add(s) for s in SPECIAL], np.int64),
         "numbers": np.array([pieces.add(str(i).encode()) for i in range(1, 40000)], np.int64),
-        "vocab": vocab_ids, "tok_cdf": tok_cdf, "long_cdf": long_cdf,
+        "vocab": vocab_ids, "vocab_": vocab_sep,
+        "tok": np.minimum(tok_tab, len(vocab) - 1),
+        "long_tok": np.minimum(long_tab, len(vocab) - 1),
     }
     modules_text = _modules_text(rng, mnames, mod_base, mod_size, bits)
     plan = dict(addr=addr, letter=letter, region=region, key=key, fixed=fixed,
@@ -441,8 +444,8 @@ def _name_spec(plan, tables, seed: int, a: int, b: int):
             pre[sel] = _pick(tables["pre"][r], u[0][sel])
             suf[sel] = _pick(tables["suf"][r], u[1][sel])
     # words: 1..7 (mean ~4), a few long names of 12..36 words
-    ntok = 1 + (u[2] > 0.10) + (u[2] > 0.30) + (u[2] > 0.55) + (u[2] > 0.78) + (u[2] > 0.92) \
-        + (u[2] > 0.98)
+    ntok = 1 + (u[2] > 0.06) + (u[2] > 0.22) + (u[2] > 0.45) + (u[2] > 0.70) + (u[2] > 0.88) \
+        + (u[2] > 0.97)
     ntok = np.where(u[3] < LONG_FRACTION, 12 + (u[4] * 25).astype(np.int64), ntok)
     # module symbols often start with the module's name
     usemod = (modpre >= 0) & (u[4] < 0.6)
@@ -467,29 +470,26 @@ def _render(plan, tables, pbuf, poff, plen, seed: int, bits: int, a: int, b: int
     n = b - a
     key, pre, ntok, suf = _name_spec(plan, tables, seed, a, b)
     end = plan["end_piece"][a:b]
-    # pieces per line: prefix, word (_ word)*, suffix, line end
-    cnt = 3 + np.where(ntok > 0, 2 * ntok - 1, 0)
+    # pieces per line: prefix, word, _word, ..., _word, suffix, line end
+    cnt = 3 + ntok
     first = np.cumsum(cnt) - cnt
     total = int(cnt.sum())
     line = np.repeat(np.arange(n), cnt)
     pos = np.arange(total) - first[line]
     last = (cnt - 1)[line]
-    piece = np.full(total, 1, np.int64)  # "_" by default
-    piece[pos == 0] = pre
-    piece[pos == last] = end
-    piece[pos == last - 1] = suf
-    word = (pos > 0) & (pos < last - 1) & ((pos - 1) % 2 == 0)
+    piece = np.empty(total, np.int64)
+    piece[first] = pre
+    piece[first + cnt - 1] = end
+    piece[first + cnt - 2] = suf
+    word = (pos > 0) & (pos < last - 1)
     wl = line[word]
-    k = (pos[word] - 1) // 2
+    k = pos[word] - 1
     h = _mix(key[wl] * np.uint64(0x9E3779B97F4A7C15) + k.astype(np.uint64) * np.uint64(0x85EBCA6B)
              + np.uint64(seed * 7919 + 12345))
-    uw = (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-    single = ntok[wl] == 1
-    cdf = np.searchsorted(tables["tok_cdf"], uw, side="right")
-    if single.any():
-        cdf[single] = np.searchsorted(tables["long_cdf"], uw[single], side="right")
-    vocab = tables["vocab"]
-    piece[word] = vocab[np.minimum(cdf, len(vocab) - 1)]
+    tok = tables["tok"][(h >> np.uint64(48)).astype(np.intp)]
+    single = ntok[wl] == 1  # one-word names: a word of 5+ bytes
+    tok[single] = tables["long_tok"][(h[single] >> np.uint64(48)).astype(np.intp)]
+    piece[word] = np.where(k == 0, tables["vocab"][tok], tables["vocab_"][tok])
     # lengths, with names cut at MAX_NAME bytes
     ln = plen[piece]
     cs = np.cumsum(ln)

@@ -24,7 +24,7 @@ def fuse_available() -> str | None:
         return "no /dev/fuse"
     try:
         import fuse  # noqa: F401
-    except (ImportError, OSError, EnvironmentError) as e:
+    except (ImportError, OSError) as e:
         return f"fusepy/libfuse not loadable: {e}"
     return None
 

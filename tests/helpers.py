@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from ksymsfs.letters import LETTERS
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 DATA = TESTS / "data"
 BAD = DATA / "bad"
-
-if str(REPO) not in sys.path:  # plain `pytest` (not `python -m pytest`) from anywhere
-    sys.path.insert(0, str(REPO))
 
 # Captured dumps with lines that are not symbol lines (HTTP headers, "[+] ..." banners,
 # grep "--" separators): they only build with --lenient.
@@ -27,10 +26,11 @@ DUMPS = sorted(p.name for p in DATA.iterdir() if (p / "kallsyms").is_file())
 
 IN_CI = bool(os.environ.get("CI"))
 
-# One kallsyms symbol line, parsed independently of ksymsfs.kallsyms (a regex, not numpy).
+# One kallsyms symbol line, parsed independently of ksymsfs.kallsyms (a regex, not numpy):
+# names are 1..511 bytes without spaces or control characters (KSYM_NAME_LEN 512).
 SYMBOL_LINE = re.compile(
-    rb"^(?P<addr>[0-9a-fA-F]{8}|[0-9a-fA-F]{16}) (?P<letter>\S) (?P<name>[^\s]+)"
-    rb"(?:\t\[(?P<module>[^\s\]]+)\])?$")
+    rb"^(?P<addr>[0-9a-fA-F]{8}|[0-9a-fA-F]{16}) (?P<letter>[!-~]) "
+    rb"(?P<name>[!-~\x80-\xff]{1,511})(?:\t\[(?P<module>[!-\\^-~\x80-\xff]+)\])?$")
 
 
 @dataclass(frozen=True)
@@ -46,21 +46,29 @@ class Sym:
 
 
 def parse_input(data: bytes) -> tuple[list[Sym], list[int]]:
-    """kallsyms bytes -> (symbol lines, 1-based numbers of the lines that are not symbols)."""
+    """kallsyms bytes -> (symbol lines, 1-based numbers of the lines that are not symbols).
+
+    A line counts as a symbol line when it matches SYMBOL_LINE with the address width of
+    the first symbol line and a type letter ksymsfs documents (letters.LETTERS, the
+    kernel's nm-style set). The last line may lack its newline.
+    """
     syms: list[Sym] = []
     junk: list[int] = []
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
+    width = None
     for no, raw in enumerate(lines, start=1):
         line = raw[:-1] if raw.endswith(b"\r") else raw
         m = SYMBOL_LINE.match(line)
-        if not m:
+        if m and width is None:
+            width = len(m["addr"])
+        if not m or len(m["addr"]) != width or m["letter"].decode() not in LETTERS:
             junk.append(no)
             continue
         dec = lambda b: b.decode("utf-8", "surrogateescape")  # noqa: E731
         syms.append(Sym(int(m["addr"], 16), dec(m["letter"]), dec(m["name"]),
-                        dec(m["module"] or b""), dec(line), len(m["addr"])))
+                        dec(m["module"] or b""), dec(line), width))
     return syms, junk
 
 
