@@ -108,6 +108,7 @@ class Device:
         self._coalescer = Coalescer(self._read_sources)
         self.latest_size = 0
         self.mtime = time.time()
+        self.on_idle = None  # called when the last open snapshot is released
 
     # -- snapshots -------------------------------------------------------------------
     def _read_sources(self) -> Snapshot:
@@ -186,11 +187,24 @@ class Device:
             raise DeviceError(errno.EBADF)
         return h.image[offset:offset + size] if offset >= 0 else b""
 
+    def flush(self, fh: int, tid: int) -> None:
+        """close() by the owner: free its one-open slot now (FUSE sends RELEASE later,
+        asynchronously, so open-close-open would otherwise race into EBUSY)."""
+        creds = process_creds(tid, self.procfs) if tid else None
+        with self._lock:
+            h = self._handles.get(fh)
+            if h is not None and creds is not None and creds.tgid == h.tgid \
+                    and self._by_tgid.get(h.tgid) == fh:
+                del self._by_tgid[h.tgid]
+
     def release(self, fh: int) -> None:
         with self._lock:
             h = self._handles.pop(fh, None)
             if h is not None and self._by_tgid.get(h.tgid) == fh:
                 del self._by_tgid[h.tgid]
+            idle = not self._handles
+        if idle and self.on_idle is not None:
+            self.on_idle()
 
     def size_for(self, tid: int) -> int:
         """stat size: the caller's open snapshot, else the latest snapshot built."""
@@ -199,6 +213,9 @@ class Device:
             with self._lock:
                 fh = self._by_tgid.get(creds.tgid)
                 h = self._handles.get(fh) if fh else None
+                if h is None:  # flushed but not yet released: still the caller's
+                    h = next((x for x in self._handles.values() if x.tgid == creds.tgid),
+                             None)
             if h is not None and h.image:
                 return len(h.image)
         return self.latest_size

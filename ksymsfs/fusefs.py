@@ -66,6 +66,11 @@ class KsymsOperations(Operations):
     def read(self, path, size, offset, fi):
         return self.device.read(fi.fh, size, offset)
 
+    def flush(self, path, fi):
+        _uid, _gid, pid = fuse_get_context()
+        self.device.flush(fi.fh, pid)
+        return 0
+
     def release(self, path, fi):
         self.device.release(fi.fh)
         return 0
@@ -96,10 +101,21 @@ class KsymsOperations(Operations):
         raise FuseOSError(errno.ENOTDIR)
 
 
+def _tame_malloc(device: Device) -> None:
+    """Few malloc arenas for FUSE's worker threads, and give freed memory back when idle."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+        device.on_idle = lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def serve(device: Device, mountpoint: str, *, foreground: bool = True,
           allow_other: bool = False, debug: bool = False, uid: int = 0, gid: int = 0,
           extra: dict | None = None) -> None:
     """Run the FUSE loop until unmounted or SIGINT/SIGTERM (libfuse then unmounts)."""
+    _tame_malloc(device)
     opts = dict(extra or {})
     if allow_other:
         opts["allow_other"] = True

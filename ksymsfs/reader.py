@@ -29,7 +29,7 @@ from .elfdefs import (
     shdr_dtype,
     sym_dtype,
 )
-from .errors import ImageError
+from .errors import ConfigError, ImageError
 
 # <nlist.h> / <a.out.h> n_type values, as libbsd's nlist(3) assigns them.
 N_UNDF, N_ABS, N_TEXT, N_DATA, N_BSS, N_FN, N_EXT = 0x0, 0x2, 0x4, 0x6, 0x8, 0x1F, 0x1
@@ -297,6 +297,8 @@ def lookup(image: ImageLike | Image, addrs: Iterable[int]) -> list[Lookup | None
     vals = s["st_value"][idx]
     res: list[Lookup | None] = []
     for a in addrs:
+        if not 0 <= a <= 0xFFFFFFFFFFFFFFFF:
+            raise ConfigError(f"address {a:#x} is not a 64-bit address")
         k = int(np.searchsorted(vals, np.uint64(a), side="right")) - 1
         if k < 0:
             res.append(None)

@@ -444,7 +444,7 @@ def _name_spec(plan, tables, seed: int, a: int, b: int):
             pre[sel] = _pick(tables["pre"][r], u[0][sel])
             suf[sel] = _pick(tables["suf"][r], u[1][sel])
     # words: 1..7 (mean ~4), a few long names of 12..36 words
-    ntok = 1 + (u[2] > 0.06) + (u[2] > 0.22) + (u[2] > 0.45) + (u[2] > 0.70) + (u[2] > 0.88) \
+    ntok = 1 + (u[2] > 0.03) + (u[2] > 0.22) + (u[2] > 0.45) + (u[2] > 0.70) + (u[2] > 0.88) \
         + (u[2] > 0.97)
     ntok = np.where(u[3] < LONG_FRACTION, 12 + (u[4] * 25).astype(np.int64), ntok)
     # module symbols often start with the module's name

@@ -1,0 +1,780 @@
+#!/usr/bin/env python3
+"""ksymsfs benchmark: every figure as a ratio to a baseline measured in the same run.
+
+    python3 scripts/bench.py [--repeat N] [--quick] [--no-fuse] [--json OUT] [--plot PNG]
+
+Sections (medians of --repeat runs; a PASS/FAIL column where the project has a target):
+
+  a) live kernel: ``cat /proc/kallsyms`` and an in-process read of it (the floor: the
+     kernel formats the text) vs an in-process snapshot build vs open+read+close of a
+     FUSE mount of the live kernel (by ``cat`` and in-process);
+  b) ``nm`` and ``readelf -s`` on the mount vs on a local copy of the same image;
+  c) scaling on generated tables (scripts/gen_kallsyms.py) of 100k..3M symbols: build
+     time (make_image from the files) vs the time to read the input, and the peak RSS of
+     a fresh process doing only that, vs the image size;
+  d) 1, 8 and 32 processes reading the mount at once: wall time vs one, daemon memory;
+  e) ``reader.nlist`` of 10 names and ``reader.lookup`` of 10 addresses on the 1M image.
+
+Sections a (FUSE part), b and d print "SKIPPED: reason" when the mount cannot be made
+(or with --no-fuse). Nothing here asserts timings: the PASS/FAIL column is information.
+Needs numpy (and the ksymsfs package beside this script); matplotlib only for --plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import gen_kallsyms  # noqa: E402
+import numpy as np  # noqa: E402
+
+SIZES = (100_000, 300_000, 1_000_000, 3_000_000)
+QUICK_SIZES = (3_000, 10_000, 30_000)
+LOOKUP_SIZE = 1_000_000          # section e runs on this generated image (quick: largest)
+CONCURRENCY = (1, 8, 32)
+QUICK_CONCURRENCY = (1, 4)
+MOUNT_TIMEOUT = 60.0
+
+# targets: name -> (limit, what the value is)
+TARGETS = {
+    "live_open_read": 1.5,       # FUSE open+read+close / cat /proc/kallsyms
+    "build_1m_s": 1.0,           # seconds to build the 1M-symbol image
+    "rss_per_image": 3.0,        # peak RSS growth / image size
+    "linearity": 11.0,           # build time 3M / 300k (10x the symbols)
+    "tool_mount_vs_local": 1.1,  # nm / readelf -s on the mount / on a local copy
+    "concurrent_wall": 3.0,      # 32 readers at once / one reader
+    "daemon_mem_per_image": 2.0,  # daemon peak RSS growth while 32 read / image size
+    "nlist_10_ms": 50.0,         # reader.nlist of 10 names on the 1M image
+}
+
+# The child that measures one build in a fresh process (section c). Peak RSS: the
+# process's high-water mark is reset (/proc/self/clear_refs "5") after the imports, so
+# VmHWM afterwards is the peak during the build; the baseline is VmRSS at that moment.
+CHILD = r"""
+import json, os, resource, sys, time
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+from ksymsfs.snapshot import make_image
+from ksymsfs.sources import Sources, take_snapshot
+kp, mp, repeat, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+src = Sources(kallsyms=kp, modules=mp, modules_optional=False, strict_modules=False)
+reset = True
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    reset = False
+rss0 = status("VmRSS")
+t = time.perf_counter()
+img = make_image(src)
+builds = [time.perf_counter() - t]
+hwm = status("VmHWM")
+size, nsyms = len(img.data), len(img.snapshot.table)
+if out != "-":
+    with open(out, "wb") as f:
+        f.write(img.data)
+del img
+for _ in range(repeat - 1):
+    t = time.perf_counter()
+    make_image(src)
+    builds.append(time.perf_counter() - t)
+snaps, reads = [], []
+for _ in range(repeat):
+    t = time.perf_counter()
+    take_snapshot(src)
+    snaps.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    with open(kp, "rb") as f:
+        f.read()
+    reads.append(time.perf_counter() - t)
+print(json.dumps({"build_s": builds, "snapshot_s": snaps, "read_s": reads,
+                  "rss_baseline": rss0, "hwm": hwm, "hwm_reset": reset,
+                  "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "image_bytes": size, "symbols": nsyms}))
+"""
+
+
+# ---------------------------------------------------------------------------------------
+# small helpers
+
+
+def med(xs):
+    return float(statistics.median(xs)) if xs else None
+
+
+def timed(fn, repeat: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def fig(runs: list[float]) -> dict:
+    return {"median": med(runs), "runs": runs}
+
+
+def read_all(path: str) -> int:
+    with open(path, "rb") as f:
+        return len(f.read())
+
+
+def proc_status(pid: int | str, key: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"]
+                                     if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_quiet(cmd: list[str]) -> None:
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+
+
+class Report:
+    """Rows of the table, the checks, and every figure for --json."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple] = []
+        self.checks: list[dict] = []
+        self.data: dict = {}
+
+    def section(self, title: str) -> None:
+        self.rows.append(("section", title))
+
+    def skip(self, why: str) -> None:
+        self.rows.append(("skip", why))
+
+    def row(self, what: str, value: float | None, unit: str, base: str = "",
+            ratio: float | None = None, target: str = "", passed: bool | None = None) -> None:
+        self.rows.append(("row", what, value, unit, base, ratio, target, passed))
+
+    def check(self, name: str, value: float | None, limit: float, passed: bool | None = None,
+              what: str = "") -> bool | None:
+        if passed is None and value is not None:
+            passed = value <= limit
+        self.checks.append({"name": name, "value": value, "target": limit,
+                            "passed": passed, "what": what})
+        return passed
+
+    def print(self, out=sys.stdout) -> None:
+        hdr = f"{'measurement':<46} {'value':>12}  {'baseline':<24} {'ratio':>7}  " \
+              f"{'target':<9} result"
+        print(hdr, file=out)
+        print("-" * len(hdr), file=out)
+        for r in self.rows:
+            if r[0] == "section":
+                print(f"\n[{r[1]}]", file=out)
+            elif r[0] == "skip":
+                print(f"  SKIPPED: {r[1]}", file=out)
+            else:
+                _, what, value, unit, base, ratio, target, passed = r
+                v = "-" if value is None else (f"{value:.4g} {unit}".strip())
+                rt = "" if ratio is None else f"{ratio:.2f}x"
+                res = "" if passed is None else ("PASS" if passed else "FAIL")
+                print(f"  {what:<44} {v:>12}  {base:<24} {rt:>7}  {target:<9} {res}",
+                      file=out)
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+# ---------------------------------------------------------------------------------------
+# the FUSE mount
+
+
+def is_mounted(path: str) -> bool:
+    path = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 1 and fields[1].replace("\\040", " ") == path:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+class Mount:
+    """``python -m ksymsfs mount -f`` as a child; ready once mounted with a non-zero size."""
+
+    def __init__(self, mountpoint: str, kallsyms: str | None = None,
+                 modules: str | None = None) -> None:
+        self.mountpoint = mountpoint
+        self.kallsyms, self.modules = kallsyms, modules
+        self.proc: subprocess.Popen | None = None
+        self.log = mountpoint + ".log"
+        self.error = ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _log_tail(self) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                lines = [x.strip() for x in f if x.strip()]
+            return " | ".join(lines[-3:])
+        except OSError:
+            return ""
+
+    def start(self) -> bool:
+        cmd = [sys.executable, "-m", "ksymsfs", "mount", "-f"]
+        if self.kallsyms:
+            cmd += ["--kallsyms", self.kallsyms]
+            if self.modules:
+                cmd += ["--modules", self.modules]
+        cmd.append(self.mountpoint)
+        if is_mounted(self.mountpoint):
+            self.error = f"{self.mountpoint} is already mounted"
+            return False
+        with open(self.log, "wb") as logf:
+            try:
+                self.proc = subprocess.Popen(cmd, cwd=str(REPO), env=child_env(),
+                                             stdin=subprocess.DEVNULL, stdout=logf,
+                                             stderr=subprocess.STDOUT)
+            except OSError as e:
+                self.error = f"cannot start the daemon: {e}"
+                return False
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.error = (f"daemon exited with status {self.proc.returncode} before "
+                              f"mounting: {self._log_tail() or 'no output'}")
+                return False
+            if is_mounted(self.mountpoint):
+                try:
+                    if os.stat(self.mountpoint).st_size > 0:
+                        return True
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        self.error = f"not mounted after {MOUNT_TIMEOUT:.0f} s: {self._log_tail()}"
+        self.stop()
+        return False
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None and is_mounted(self.mountpoint):
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                subprocess.run([sys.executable, "-m", "ksymsfs", "umount", self.mountpoint],
+                               cwd=str(REPO), env=child_env(), capture_output=True,
+                               timeout=30)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if is_mounted(self.mountpoint):  # the daemon died without unmounting
+            tool = shutil.which("fusermount") or shutil.which("fusermount3")
+            cmd = [tool, "-uz", self.mountpoint] if tool else ["umount", "-l",
+                                                               self.mountpoint]
+            subprocess.run(cmd, capture_output=True)
+        self.proc = None
+
+
+# ---------------------------------------------------------------------------------------
+# a) live kernel
+
+
+def sec_live(rep: Report, args, mount: Mount | None, mount_err: str) -> dict:
+    from ksymsfs.snapshot import make_image
+    from ksymsfs.sources import Sources
+
+    rep.section("a) live kernel: open+read of the snapshot vs cat /proc/kallsyms")
+    res: dict = {"skipped": None}
+    kall = "/proc/kallsyms"
+    try:
+        nbytes = read_all(kall)
+    except OSError as e:
+        res["skipped"] = f"{kall}: {e.strerror}"
+        rep.skip(res["skipped"])
+        return res
+    n = args.repeat
+    cat = timed(lambda: run_quiet(["cat", kall]), n)
+    rd = timed(lambda: read_all(kall), n)
+    build = timed(lambda: make_image(Sources.live()), n)
+    img = make_image(Sources.live())
+    res.update(kallsyms_bytes=nbytes, kallsyms_lines=len(img.snapshot.table),
+               image_bytes=len(img.data), cat_s=fig(cat), read_s=fig(rd),
+               make_image_s=fig(build))
+    rep.row("cat /proc/kallsyms >/dev/null (baseline)", med(cat) * 1e3, "ms")
+    rep.row("read /proc/kallsyms in-process (baseline)", med(rd) * 1e3, "ms", "cat",
+            med(rd) / med(cat))
+    rep.row(f"make_image(live), {len(img.snapshot.table)} symbols", med(build) * 1e3, "ms",
+            "in-process read", med(build) / med(rd))
+    fuse: dict = {"skipped": None}
+    res["fuse"] = fuse
+    if mount is None:
+        fuse["skipped"] = mount_err
+        rep.skip(f"FUSE open+read: {mount_err}")
+        return res
+    mp = mount.mountpoint
+    fcat = timed(lambda: run_quiet(["cat", mp]), n)
+    frd = timed(lambda: read_all(mp), n)
+    lim = TARGETS["live_open_read"]
+    ok = rep.check("live_open_read", med(fcat) / med(cat), lim,
+                   what="cat MOUNT / cat /proc/kallsyms")
+    fuse.update(cat_mount_s=fig(fcat), read_mount_s=fig(frd), mount_bytes=read_all(mp),
+                ratio_cat=med(fcat) / med(cat), ratio_read=med(frd) / med(rd))
+    rep.row("cat MOUNT >/dev/null (open+read+close)", med(fcat) * 1e3, "ms", "cat kallsyms",
+            med(fcat) / med(cat), f"<= {lim}x", ok)
+    rep.row("open+read+close MOUNT in-process", med(frd) * 1e3, "ms", "in-process read",
+            med(frd) / med(rd), f"({lim}x)")
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# b) nm / readelf on the mount vs a local copy
+
+
+def sec_tools(rep: Report, args, mount: Mount | None, mount_err: str, work: str) -> dict:
+    rep.section("b) nm and readelf -s: on the mount vs on a local copy of the image")
+    res: dict = {"skipped": None}
+    if mount is None:
+        res["skipped"] = mount_err
+        rep.skip(mount_err)
+        return res
+    mp = mount.mountpoint
+    local = os.path.join(work, "local-copy.elf")
+    shutil.copyfile(mp, local)
+    res["image_bytes"] = os.path.getsize(local)
+    lim = TARGETS["tool_mount_vs_local"]
+    for tool, targs in (("nm", []), ("readelf", ["-s", "-W"])):
+        exe = shutil.which(tool)
+        if not exe:
+            res[tool] = {"skipped": f"{tool} not installed"}
+            rep.skip(f"{tool} not installed")
+            continue
+        outs = {}
+        for where, path in (("mount", mp), ("local", local)):
+            r = subprocess.run([exe, *targs, path], capture_output=True)
+            outs[where] = (r.returncode, hashlib.sha256(r.stdout).hexdigest(), len(r.stdout))
+        if outs["mount"][0] != 0:
+            res[tool] = {"error": f"{tool} on the mount exited {outs['mount'][0]}"}
+            rep.row(f"{tool} {' '.join(targs)} MOUNT", None, "", "local copy", None,
+                    f"<= {lim}x", rep.check(f"{tool}_mount_vs_local", None, lim, False))
+            continue
+        tm = timed(lambda e=exe, a=targs: run_quiet([e, *a, mp]), args.repeat)
+        tl = timed(lambda e=exe, a=targs: run_quiet([e, *a, local]), args.repeat)
+        ratio = med(tm) / med(tl)
+        ok = rep.check(f"{tool}_mount_vs_local", ratio, lim, what=f"{tool} MOUNT / local")
+        res[tool] = {"mount_s": fig(tm), "local_s": fig(tl), "ratio": ratio,
+                     "same_output": outs["mount"][1:] == outs["local"][1:],
+                     "output_bytes": outs["local"][2]}
+        rep.row(f"{tool} {' '.join(targs)} >/dev/null on MOUNT".replace("  ", " "),
+                med(tm) * 1e3, "ms", f"local copy {med(tl) * 1e3:.0f} ms", ratio,
+                f"<= {lim}x", ok)
+        if not res[tool]["same_output"]:
+            rep.row(f"  note: {tool} output differs mount vs local", None, "")
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# c) scaling on generated tables
+
+
+def gen_tables(work: str, symbols: int, seed: int) -> tuple[str, str]:
+    """Generated once per (generator source, size, seed) in the work dir."""
+    modules = max(10, round(symbols / 3000))
+    src_hash = hashlib.sha256(Path(gen_kallsyms.__file__).read_bytes()).hexdigest()[:12]
+    d = os.path.join(work, f"gen-{symbols}-{modules}-{seed}-{src_hash}")
+    kp, mp = os.path.join(d, "kallsyms"), os.path.join(d, "modules")
+    if not (os.path.exists(kp) and os.path.exists(mp)):
+        gen_kallsyms.write(d, symbols, modules, 64, seed)
+    return kp, mp
+
+
+def child_build(kp: str, mp: str, repeat: int, out: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", CHILD, kp, mp, str(repeat), out],
+                       cwd=str(REPO), env=child_env(), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"build child failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def sec_scaling(rep: Report, args, work: str) -> dict:
+    rep.section("c) scaling: make_image from generated files (fresh process per size)")
+    sizes = args.sizes
+    lookup_size = LOOKUP_SIZE if LOOKUP_SIZE in sizes else max(sizes)
+    res: dict = {"sizes": [], "lookup_image": None}
+    for n in sizes:
+        t = time.perf_counter()
+        kp, mp = gen_tables(work, n, args.seed)
+        gen_s = time.perf_counter() - t
+        read_all(kp)  # page cache warm for every run
+        out = os.path.join(work, f"image-{n}.elf") if n == lookup_size else "-"
+        c = child_build(kp, mp, args.repeat, out)
+        if out != "-":
+            res["lookup_image"] = {"symbols": n, "path": out, "kallsyms": kp}
+        b, rd, sn = med(c["build_s"]), med(c["read_s"]), med(c["snapshot_s"])
+        peak = max(c["hwm"] - c["rss_baseline"], 0)
+        e = {"symbols": n, "modules": max(10, round(n / 3000)),
+             "input_bytes": os.path.getsize(kp), "image_bytes": c["image_bytes"],
+             "generate_s": gen_s, "build_s": fig(c["build_s"]), "read_s": fig(c["read_s"]),
+             "snapshot_s": fig(c["snapshot_s"]), "rss_baseline_bytes": c["rss_baseline"],
+             "peak_rss_bytes": peak, "ru_maxrss_bytes": c["ru_maxrss"],
+             "hwm_reset": c["hwm_reset"], "build_per_read": b / rd,
+             "rss_per_image": peak / c["image_bytes"], "parse_share": sn / b}
+        res["sizes"].append(e)
+        label = f"{n // 1000}k" if n < 1_000_000 else f"{n / 1e6:g}M"
+        tgt, ok = "", None
+        if n == 1_000_000:
+            tgt = f"<= {TARGETS['build_1m_s']} s"
+            ok = rep.check("build_1m_s", b, TARGETS["build_1m_s"], what="1M build, s")
+        rep.row(f"build {label} ({fmt_bytes(e['input_bytes'])} text)", b * 1e3, "ms",
+                f"read input {rd * 1e3:.1f} ms", b / rd, tgt, ok)
+        rep.row(f"  of which parse+snapshot {label}", sn * 1e3, "ms", "build", sn / b)
+        lim = TARGETS["rss_per_image"]
+        ok = rep.check(f"rss_per_image_{n}", e["rss_per_image"], lim,
+                       what=f"peak RSS growth / image size, {label}")
+        rep.row(f"peak RSS {label} (image {fmt_bytes(e['image_bytes'])})", peak / 1e6, "MB",
+                "image size", e["rss_per_image"], f"<= {lim}x", ok)
+    ss = res["sizes"]
+    if len(ss) >= 2:
+        big = ss[-1]
+        small = next((s for s in ss if s["symbols"] * 10 == big["symbols"]), ss[0])
+        lin = big["build_s"]["median"] / small["build_s"]["median"]
+        ratio_n = big["symbols"] / small["symbols"]
+        lim = TARGETS["linearity"] if ratio_n == 10 else TARGETS["linearity"] * ratio_n / 10
+        ok = rep.check("linearity", lin, lim,
+                       what=f"build {big['symbols']} / {small['symbols']}")
+        res["linearity"] = {"big": big["symbols"], "small": small["symbols"],
+                            "symbol_ratio": ratio_n, "time_ratio": lin}
+        rep.row(f"linearity build {big['symbols']}/{small['symbols']}", lin, "x",
+                f"{ratio_n:g}x the symbols", lin / ratio_n, f"<= {lim:g}x", ok)
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# d) concurrent readers
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.halt = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            v = proc_status(self.pid, "VmRSS")
+            if v:
+                self.peak = max(self.peak, v)
+            time.sleep(0.002)
+
+
+def one_wave(mp: str, procs: int, pid: int) -> dict:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # restart the daemon's VmHWM from its current RSS
+    before = proc_status(pid, "VmRSS") or 0
+    sampler = RssSampler(pid)
+    sampler.start()
+    t = time.perf_counter()
+    ps = [subprocess.Popen(["dd", f"if={mp}", "of=/dev/null", "bs=1M"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+          for _ in range(procs)]
+    outs = [(p.communicate()[1].decode(errors="replace"), p.returncode) for p in ps]
+    wall = time.perf_counter() - t
+    sampler.halt.set()
+    sampler.join()
+    hwm = proc_status(pid, "VmHWM") or 0
+    sizes, fails = [], []
+    for err, rc in outs:
+        m = re.search(r"^(\d+) bytes", err, re.M)
+        sizes.append(int(m.group(1)) if m else 0)
+        if rc != 0 or not m or int(m.group(1)) == 0:
+            fails.append(err.strip().splitlines()[0] if err.strip() else f"exit {rc}")
+    return {"wall_s": wall, "rss_before": before, "hwm": max(hwm, sampler.peak),
+            "ok": len(fails) == 0 and len(set(sizes)) == 1, "errors": fails[:3],
+            "bytes": sizes[0] if sizes else 0}
+
+
+def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str) -> dict:
+    rep.section("d) concurrent readers: N processes open+read the mount at once")
+    res: dict = {"skipped": None, "levels": []}
+    if mount is None:
+        res["skipped"] = mount_err
+        rep.skip(mount_err)
+        return res
+    if not shutil.which("dd"):
+        res["skipped"] = "dd not installed"
+        rep.skip(res["skipped"])
+        return res
+    mp = mount.mountpoint
+    image = read_all(mp)
+    res["image_bytes"] = image
+    base = None
+    for procs in args.concurrency:
+        one_wave(mp, procs, mount.pid)  # warm-up
+        waves = [one_wave(mp, procs, mount.pid) for _ in range(args.repeat)]
+        wall = med([w["wall_s"] for w in waves])
+        growth = max(max(w["hwm"] - w["rss_before"], 0) for w in waves)
+        ok_all = all(w["ok"] for w in waves)
+        errs = sorted({e for w in waves for e in w["errors"]})
+        base = wall if base is None else base
+        e = {"processes": procs, "wall_s": fig([w["wall_s"] for w in waves]),
+             "all_ok": ok_all, "errors": errs[:5],
+             "daemon_rss_before": waves[-1]["rss_before"], "daemon_peak_growth": growth,
+             "daemon_peak": max(w["hwm"] for w in waves), "wall_ratio": wall / base,
+             "growth_per_image": growth / image}
+        res["levels"].append(e)
+        last = procs == max(args.concurrency)
+        okc = rep.check(f"concurrent_{procs}_all_ok", None, 0, ok_all) if last else None
+        rep.row(f"{procs} readers: all succeed", None, "", "", None,
+                "all" if last else "", okc if last else (None if ok_all else False))
+        if errs:
+            rep.row(f"  errors: {'; '.join(errs)[:40]}", None, "")
+        lim = TARGETS["concurrent_wall"]
+        okw = rep.check("concurrent_wall", wall / base, lim,
+                        what=f"{procs} at once / 1") if last else None
+        rep.row(f"{procs} readers: wall time", wall * 1e3, "ms", "1 reader", wall / base,
+                f"<= {lim}x" if last else "", okw)
+        lim = TARGETS["daemon_mem_per_image"]
+        okm = rep.check("daemon_mem_per_image", growth / image, lim,
+                        what=f"daemon peak RSS growth, {procs} readers / image") if last \
+            else None
+        rep.row(f"{procs} readers: daemon peak RSS growth", growth / 1e6, "MB",
+                f"image {fmt_bytes(image)}", growth / image, f"<= {lim}x" if last else "",
+                okm)
+    rep.row("daemon RSS when idle", res["levels"][0]["daemon_rss_before"] / 1e6, "MB")
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# e) nlist / lookup
+
+
+def sec_lookup(rep: Report, args, scaling: dict) -> dict:
+    from ksymsfs.reader import lookup, nlist, parse_image
+
+    info = scaling.get("lookup_image")
+    rep.section("e) reader.nlist of 10 names, reader.lookup of 10 addresses")
+    res: dict = {"skipped": None}
+    if not info:
+        res["skipped"] = "no generated image"
+        rep.skip(res["skipped"])
+        return res
+    with open(info["path"], "rb") as f:
+        data = f.read()
+    with open(info["kallsyms"], "rb") as f:
+        lines = f.read().split(b"\n")[:-1]
+    rng = np.random.default_rng(args.seed)
+    pick = [lines[int(i)] for i in rng.choice(len(lines), 9, replace=False)]
+    names = [ln.split(b" ", 2)[2].split(b"\t")[0].decode() for ln in pick]
+    names.append("no_such_symbol_here")
+    addrs = [int(ln.split(b" ", 1)[0], 16) + int(rng.integers(0, 8)) for ln in
+             (lines[int(i)] for i in rng.choice(len(lines), 10, replace=False))]
+    img = parse_image(data)
+    n = max(args.repeat, 5)
+    label = f"{info['symbols'] // 1000}k" if info["symbols"] < 1_000_000 \
+        else f"{info['symbols'] / 1e6:g}M"
+    hits = nlist(img, names)
+    found = sum(1 for v in hits.values() if v)
+
+    def scan():  # the floor: find each name in the string table with bytes.find
+        for nm in names:
+            data.find(b"\0" + nm.encode() + b"\0")
+
+    base = timed(scan, n)
+    t_parse = timed(lambda: parse_image(data), n)
+    t_nlist = timed(lambda: nlist(img, names), n)
+    t_nlist_b = timed(lambda: nlist(data, names), n)
+    t_nlist_p = timed(lambda: nlist(info["path"], names), n)
+    t_lookup = timed(lambda: lookup(img, addrs), n)
+    t_lookup_b = timed(lambda: lookup(data, addrs), n)
+    res.update(symbols=info["symbols"], image_bytes=len(data), names=names,
+               names_found=found, addresses=[hex(a) for a in addrs],
+               addresses_resolved=sum(1 for x in lookup(img, addrs) if x),
+               strtab_scan_ms=med(base) * 1e3, parse_image_ms=med(t_parse) * 1e3,
+               nlist_parsed_ms=med(t_nlist) * 1e3, nlist_bytes_ms=med(t_nlist_b) * 1e3,
+               nlist_path_ms=med(t_nlist_p) * 1e3, lookup_parsed_ms=med(t_lookup) * 1e3,
+               lookup_bytes_ms=med(t_lookup_b) * 1e3)
+    b = med(base)
+    lim = TARGETS["nlist_10_ms"]
+    ok = rep.check("nlist_10_ms", med(t_nlist_b) * 1e3, lim,
+                   what=f"nlist(image bytes, 10 names) on {label}, ms")
+    rep.row(f"bytes.find of 10 names in image {label} (baseline)", b * 1e3, "ms")
+    rep.row(f"parse_image {label}", med(t_parse) * 1e3, "ms", "bytes.find", med(t_parse) / b)
+    rep.row(f"nlist 10 names, image bytes {label} ({found} found)", med(t_nlist_b) * 1e3,
+            "ms", "bytes.find", med(t_nlist_b) / b, f"<= {lim:g} ms", ok)
+    rep.row("  nlist on a parsed Image", med(t_nlist) * 1e3, "ms", "bytes.find",
+            med(t_nlist) / b)
+    rep.row("  nlist from the file path", med(t_nlist_p) * 1e3, "ms", "bytes.find",
+            med(t_nlist_p) / b)
+    rep.row(f"lookup 10 addresses, image bytes {label}", med(t_lookup_b) * 1e3, "ms",
+            "bytes.find", med(t_lookup_b) / b)
+    rep.row("  lookup on a parsed Image", med(t_lookup) * 1e3, "ms", "bytes.find",
+            med(t_lookup) / b)
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def plot(path: str, scaling: dict) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib)"
+    ss = scaling.get("sizes") or []
+    if not ss:
+        return "no scaling figures to plot"
+    x = [s["symbols"] for s in ss]
+    fig_, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    a1.loglog(x, [s["build_s"]["median"] for s in ss], "o-", label="make_image (build)")
+    a1.loglog(x, [s["snapshot_s"]["median"] for s in ss], "s--", label="parse+snapshot")
+    a1.loglog(x, [s["read_s"]["median"] for s in ss], "^:", label="read input (baseline)")
+    lin = [ss[0]["build_s"]["median"] * n / x[0] for n in x]
+    a1.loglog(x, lin, color="grey", lw=0.8, label="linear from smallest")
+    a1.set_xlabel("symbols")
+    a1.set_ylabel("seconds (median)")
+    a1.set_title("build time")
+    a1.grid(True, which="both", alpha=0.3)
+    a1.legend(fontsize=8)
+    a2.loglog(x, [s["peak_rss_bytes"] / 1e6 for s in ss], "o-", label="peak RSS growth")
+    a2.loglog(x, [s["image_bytes"] / 1e6 for s in ss], "s--", label="image size")
+    a2.loglog(x, [3 * s["image_bytes"] / 1e6 for s in ss], color="grey", lw=0.8,
+              label="3x image (target)")
+    a2.set_xlabel("symbols")
+    a2.set_ylabel("MB")
+    a2.set_title("memory of one build")
+    a2.grid(True, which="both", alpha=0.3)
+    a2.legend(fontsize=8)
+    fig_.tight_layout()
+    fig_.savefig(path, dpi=110)
+    plt.close(fig_)
+    return None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--repeat", type=int, default=None, metavar="N",
+                   help="runs per figure, median reported (default 5; 3 with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"tiny sizes {QUICK_SIZES} and {QUICK_CONCURRENCY} readers "
+                        "(smoke test)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="skip everything that needs a FUSE mount (sections a-FUSE, b, d)")
+    p.add_argument("--sizes", type=lambda s: tuple(int(float(x)) for x in s.split(",")),
+                   help="symbol counts for section c, comma-separated (default "
+                        f"{','.join(map(str, SIZES))})")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--workdir", metavar="DIR",
+                   help="keep generated tables and images here (reused when the generator "
+                        "and size match); default a temporary directory")
+    p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    p.add_argument("--plot", metavar="PNG", help="time and peak RSS vs symbols (matplotlib)")
+    a = p.parse_args(argv)
+    a.repeat = a.repeat or (3 if a.quick else 5)
+    a.sizes = a.sizes or (QUICK_SIZES if a.quick else SIZES)
+    a.concurrency = QUICK_CONCURRENCY if a.quick else CONCURRENCY
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rep = Report()
+    tmp = None
+    if args.workdir:
+        work = args.workdir
+        os.makedirs(work, exist_ok=True)
+    else:
+        work = tmp = tempfile.mkdtemp(prefix="ksymsfs-bench-")
+    mount, mount_err = None, "--no-fuse given"
+    t0 = time.time()
+    try:
+        if not args.no_fuse:
+            m = Mount(os.path.join(work, "ksyms"))
+            if m.start():
+                mount = m
+            else:
+                mount_err = f"cannot mount the live kernel: {m.error}"
+        data = rep.data
+        data["meta"] = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0)),
+            "host": platform.node(), "kernel": platform.release(),
+            "machine": platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "numpy": np.__version__,
+            "repeat": args.repeat, "quick": args.quick, "no_fuse": args.no_fuse,
+            "sizes": list(args.sizes), "concurrency": list(args.concurrency),
+            "seed": args.seed, "targets": TARGETS,
+        }
+        data["live"] = sec_live(rep, args, mount, mount_err)
+        data["tools"] = sec_tools(rep, args, mount, mount_err, work)
+        data["concurrency"] = sec_concurrency(rep, args, mount, mount_err)
+        if mount is not None:
+            mount.stop()
+            mount = None
+        data["scaling"] = sec_scaling(rep, args, work)
+        data["lookup"] = sec_lookup(rep, args, data["scaling"])
+    finally:
+        if mount is not None:
+            mount.stop()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    data["checks"] = rep.checks
+    data["meta"]["seconds"] = time.time() - t0
+    rep.print()
+    npass = sum(1 for c in rep.checks if c["passed"])
+    nfail = sum(1 for c in rep.checks if c["passed"] is False)
+    print(f"\ntargets: {npass} PASS, {nfail} FAIL ({data['meta']['seconds']:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
+        print(f"figures written to {args.json}")
+    if args.plot:
+        why = plot(args.plot, data["scaling"])
+        print(f"plot not drawn: {why}" if why else f"plot written to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
