@@ -106,7 +106,14 @@ def _tame_malloc(device: Device) -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-8, 2)  # M_ARENA_MAX
-        device.on_idle = lambda: libc.malloc_trim(0)
+        last = [0.0]
+
+        def trim() -> None:  # at most every 5 s: trimming costs a few ms each time
+            now = time.monotonic()
+            if now - last[0] > 5:
+                last[0] = now
+                libc.malloc_trim(0)
+        device.on_idle = trim
     except (OSError, AttributeError):
         pass
 
