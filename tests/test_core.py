@@ -1,0 +1,199 @@
+"""Core units: sources, module order, sections, targets, odd-but-legal input, the Coalescer."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from ksymsfs import ParseError, parse_image, parse_kallsyms
+from ksymsfs.builder import build_image, infer_sizes
+from ksymsfs.device import Coalescer, Device
+from ksymsfs.elfdefs import ELFCLASS32, ELFCLASS64, ELFDATA2MSB, make_target
+from ksymsfs.errors import ConfigError, SourceError
+from ksymsfs.reader import dump_lines, lookup, nlist
+from ksymsfs.sources import Sources, parse_modules, take_snapshot
+
+
+def build(text: str, **kw) -> bytes:
+    t = parse_kallsyms(text.encode())
+    return build_image(t, kw.pop("target", make_target(address_bits=t.address_bits)), **kw)
+
+
+def test_modules_parse_and_errors():
+    mods = parse_modules(b"fuse 91492 2 - Live 0xffffffffa0485000 (O)\n"
+                         b"old 3328 0 - Live 0xbf021000\nloading 10 0 - Loading 0x0\n")
+    assert [(m.name, m.state, m.address) for m in mods] == [
+        ("fuse", "Live", 0xffffffffa0485000), ("old", "Live", 0xbf021000),
+        ("loading", "Loading", 0)]
+    with pytest.raises(ParseError, match=r"mods:2: malformed"):
+        parse_modules(b"a 1 0 - Live 0x0\nbroken\n", "mods")
+    with pytest.raises(ParseError, match=r"mods:1: bad module address"):
+        parse_modules(b"a 1 0 - Live 0xzz\n", "mods")
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(SourceError, match="cannot read"):
+        take_snapshot(Sources(str(tmp_path / "nope"), None))
+    with pytest.raises(SourceError, match="modules"):
+        (tmp_path / "k").write_text("0000000000000001 T a\n")
+        take_snapshot(Sources(str(tmp_path / "k"), str(tmp_path / "modules"),
+                              modules_optional=False))
+
+
+def test_live_sources_cope_without_proc_modules(tmp_path):
+    (tmp_path / "kallsyms").write_text("ffffffff81000000 T _stext\n")
+    snap = take_snapshot(Sources.live(procfs=str(tmp_path), sysfs=str(tmp_path)))
+    assert snap.modules is None and len(snap.table) == 1
+
+
+KS = ("ffffffff81000000 T _stext\nffffffff81000010 t helper\n"
+      "ffffffffc0000000 t a_fn\t[a]\nffffffffc0000040 D a_data\t[a]\n"
+      "ffffffffc0100000 t b_fn\t[b]\nffffffffc0100020 T b_export\t[b]\n"
+      "ffffffffc0200000 t bpf_prog_1234_x\t[bpf]\n")
+
+
+def test_symbol_order_locals_first_kernel_then_load_order():
+    t = parse_kallsyms(KS.encode())
+    img = parse_image(build_image(t, make_target(), load_order=["b", "a"]))
+    names = img.names()
+    assert names == ["helper", "b_fn", "a_fn", "bpf_prog_1234_x",
+                     "_stext", "b_export", "a_data"]
+    first_global = int(img.shdrs[img.section_names.index(".symtab")]["sh_info"])
+    assert first_global == 5  # null entry + 4 locals
+    assert img.modules == ["", "b", "a", "bpf", "", "b", "a"]
+
+
+def test_without_module_list_load_order_is_reverse_of_kallsyms():
+    img = parse_image(build(KS))
+    locals_ = img.names()[:4]
+    assert locals_ == ["helper", "bpf_prog_1234_x", "b_fn", "a_fn"]
+
+
+def test_sections_dir_names_module_sections(tmp_path):
+    ks = tmp_path / "kallsyms"
+    ks.write_text(KS)
+    (tmp_path / "modules").write_text("b 100 0 - Live 0xffffffffc0100000\n"
+                                      "a 100 0 - Live 0xffffffffc0000000\n")
+    for mod, secs in {"a": {".text": 0xffffffffc0000000, ".data": 0xffffffffc0000040},
+                      "b": {".text": 0xffffffffc0100000, ".init.text": 0xffffffffc0100020}
+                      }.items():
+        d = tmp_path / "sys" / mod / "sections"
+        d.mkdir(parents=True)
+        for s, v in secs.items():
+            (d / s).write_text(f"0x{v:016x}\n")
+    snap = take_snapshot(Sources(str(ks), str(tmp_path / "modules"), str(tmp_path / "sys"),
+                                 modules_optional=False))
+    img = parse_image(build_image(snap.table, make_target(), snap.load_order,
+                                  section_bases=snap.section_bases))
+    assert ".data[a]" in img.section_names
+    assert ".init.text[b]" in img.section_names and ".text[b]" in img.section_names
+    i = img.names().index("b_export")
+    assert img.section_names[int(img.syms["st_shndx"][i])] == ".init.text[b]"
+
+
+@pytest.mark.parametrize("arch,cls,big", [("aarch64", ELFCLASS64, False),
+                                          ("mips", ELFCLASS32, True),
+                                          ("ppc64", ELFCLASS64, True), ("arm", ELFCLASS32, False)])
+def test_arch_overrides(arch, cls, big):
+    text = "c0008000 T _stext\nc0008010 t x\n" if cls == ELFCLASS32 else KS
+    img = parse_image(build(text, target=make_target(arch)))
+    assert img.elfclass == cls and (img.byteorder == ELFDATA2MSB) is big
+    assert nlist(img, ["_stext"])["_stext"][0].n_value in (0xc0008000, 0xffffffff81000000)
+    assert sorted(dump_lines(img)) == sorted(text.splitlines())
+
+
+def test_32bit_dump_defaults_to_class32_and_class64_override():
+    text = "c0008000 T _stext\n"
+    assert parse_image(build(text)).elfclass == ELFCLASS32
+    img = parse_image(build(text, target=make_target(elfclass=ELFCLASS64, address_bits=32)))
+    assert img.elfclass == ELFCLASS64
+    with pytest.raises(ConfigError):
+        make_target("vax")
+
+
+def test_odd_but_legal_input_is_kept():
+    long = "x" * 511
+    text = (f"0000000000000000 T zero_addr\n0000000000000000 T zero_addr\n"
+            f"ffffffff81000000 t $x\nffffffff81000000 t .L_local\n"
+            f"ffffffff81000004 t {long}\nffffffff81000008 ? what\n"
+            f"ffffffff8100000c U undef_ref\nffffffff8100000c N dbg\n")
+    img = parse_image(build(text))
+    assert sorted(dump_lines(img)) == sorted(text.splitlines())
+    assert len(nlist(img, ["zero_addr"])["zero_addr"]) == 2
+    assert nlist(img, [long])[long][0].n_value == 0xffffffff81000004
+    with pytest.raises(ParseError, match="longer than 511"):
+        parse_kallsyms(f"ffffffff81000004 t {long}x\n".encode(), "k")
+
+
+def test_all_zero_addresses_build_a_valid_image():
+    t = parse_kallsyms(KS.encode())
+    img = parse_image(build_image(t, make_target(), hide_addresses=True))
+    assert not img.syms["st_value"].any() and len(img) == len(t)
+    assert b"ffffffff" not in build_image(t, make_target(), hide_addresses=True)
+
+
+def test_sizes_next_address_same_module_capped():
+    a = np.array([0, 0, 16, 0x100000, 5, 9], np.uint64)
+    g = np.array([0, 0, 0, 0, 1, 1])
+    assert infer_sizes(a, g).tolist() == [16, 16, 0x10000, 0, 4, 0]
+
+
+def test_lookup_rules():
+    img = parse_image(build(KS))
+    r = lookup(img, [0xffffffff81000004, 0xffffffffc0000041, 0xffffffff80000000])
+    assert str(r[0]) == "_stext+0x4/0x10"
+    assert str(r[1]) == "a_data+0x1/0x0 [a]" or r[1] is None
+    assert r[2] is None
+
+
+def test_same_input_same_bytes():
+    assert build(KS) == build(KS)
+
+
+def test_coalescer_shares_only_reads_started_after_arrival():
+    calls = []
+    gate = threading.Event()
+
+    def read():
+        calls.append(time.monotonic())
+        gate.wait(5)
+        return len(calls)
+    c = Coalescer(read)
+    results = []
+    first = threading.Thread(target=lambda: results.append(("first", c.get())))
+    first.start()
+    time.sleep(0.05)  # the first read is in flight: later callers must not take it
+    late = [threading.Thread(target=lambda: results.append(("late", c.get())))
+            for _ in range(5)]
+    for t in late:
+        t.start()
+    time.sleep(0.05)
+    gate.set()
+    for t in [first, *late]:
+        t.join(5)
+    assert ("first", 1) in results
+    assert sorted(v for k, v in results if k == "late") == [2] * 5  # one shared read
+    assert len(calls) == 2
+
+
+def test_device_unchanged_kernel_shares_one_image(tmp_path):
+    (tmp_path / "k").write_text(KS)
+    dev = Device(Sources(str(tmp_path / "k"), None))
+    a = dev.open(os.getpid(), os.O_RDONLY)
+    img_a = dev._handles[a].image
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    # a second process (faked by pid 1's status: another tgid) gets the very same bytes
+    b = dev.open(1, os.O_RDONLY)
+    assert dev._handles[b].image is img_a
+    (tmp_path / "k").write_text(KS + "ffffffff81000020 T new_sym\n")
+    dev.release(b)
+    c = dev.open(1, os.O_RDONLY)
+    assert dev._handles[c].image is not img_a and b"new_sym" in dev._handles[c].image
+    assert dev.read(a, 1 << 20, 0) == img_a  # the older open keeps its snapshot
