@@ -2,7 +2,8 @@
 
 Layout, in file order::
 
-    Elf_Ehdr | Elf_Phdr[1] | .symtab | .strtab | .ksyms.info | .ksyms.modules | .shstrtab | Elf_Shdr[]
+    Elf_Ehdr | Elf_Phdr[1] | .symtab | .strtab | .ksyms.info | .ksyms.modules
+             | .shstrtab | Elf_Shdr[]
 
 Address sections (.text, .rodata, .data, .bss, ... one per run of same-class symbols
 within a module, named ".text[fuse]" for modules) carry no bytes of their own: each
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import letters as L
+from . import letters as lt
 from .elfdefs import (
     ELFCLASS32,
     ET_EXEC,
@@ -108,8 +109,8 @@ def build_image(table: SymbolTable, target: Target, load_order: list[str] | None
     addr = np.zeros(n, np.uint64) if hide_addresses else table.addr
     if int(addr.max(initial=0)) > target.word_max:
         raise ImageError("addresses do not fit in a 32-bit ELF class; use --class 64")
-    cls = L.LETTER_CLASS[table.letter]
-    info = L.LETTER_INFO[table.letter]
+    cls = lt.LETTER_CLASS[table.letter]
+    info = lt.LETTER_INFO[table.letter]
     rank = module_ranks(table, load_order)[table.module]
     is_global = (info >> 4) != STB_LOCAL
     order = np.lexsort((np.arange(n), rank, is_global))  # locals first, then kernel→modules
@@ -155,10 +156,10 @@ def _sections(table, addr, cls, rank, limit, section_bases):
     """Group sectioned symbols into address sections; returns (sections, st_shndx, st_size)."""
     n = len(table)
     shndx = np.zeros(n, np.uint16)
-    shndx[cls == L.ABS] = SHN_ABS
-    shndx[cls == L.UNDEF] = SHN_UNDEF
+    shndx[cls == lt.ABS] = SHN_ABS
+    shndx[cls == lt.UNDEF] = SHN_UNDEF
     size = np.zeros(n, np.uint64)
-    idx = np.flatnonzero((cls != L.ABS) & (cls != L.UNDEF))
+    idx = np.flatnonzero((cls != lt.ABS) & (cls != lt.UNDEF))
     if len(idx) == 0:
         return [], shndx, size
     o = idx[np.lexsort((cls[idx], addr[idx], rank[idx]))]
@@ -178,12 +179,11 @@ def _sections(table, addr, cls, rank, limit, section_bases):
     new2[1:] |= chunk[1:] != chunk[:-1]
     sec = np.cumsum(new2) - 1
     firsts = np.flatnonzero(new2)
-    lasts = np.append(firsts[1:], len(o)) - 1
     sec_end = np.maximum.reduceat(a + sz, firsts)
     sections = []
     mods = table.modules
-    for k, (f, last) in enumerate(zip(firsts.tolist(), lasts.tolist())):
-        base, sh_type, flags = L.SECTION_KINDS[int(c[f])]
+    for k, f in enumerate(firsts.tolist()):
+        base, sh_type, flags = lt.SECTION_KINDS[int(c[f])]
         mod = mods[int(table.module[o[f]])]
         name = _section_name(base, mod, int(a[f]), section_bases)
         start = int(a[f])
@@ -231,9 +231,9 @@ def _load_segment(phdr_t, sections, filesize):
     for s in sections:
         if s.sh_type == SHT_NOBITS:
             nobits = max(nobits, s.size)
-        elif s.sh_flags & L.SHF_ALLOC:
-            flags |= PF_X if s.sh_flags & L.SHF_EXECINSTR else 0
-            flags |= PF_W if s.sh_flags & L.SHF_WRITE else 0
+        elif s.sh_flags & lt.SHF_ALLOC:
+            flags |= PF_X if s.sh_flags & lt.SHF_EXECINSTR else 0
+            flags |= PF_W if s.sh_flags & lt.SHF_WRITE else 0
     ph[0]["p_type"] = PT_LOAD
     ph[0]["p_flags"] = flags
     ph[0]["p_filesz"] = filesize

@@ -94,7 +94,11 @@ def shdr_dtype(elfclass: int, data: int) -> np.dtype:
 
 
 def sym_dtype(elfclass: int, data: int) -> np.dtype:
-    """Elf32_Sym is name,value,size,info,other,shndx; Elf64_Sym is name,info,other,shndx,value,size."""
+    """Field order differs by class.
+
+    Elf32_Sym: st_name, st_value, st_size, st_info, st_other, st_shndx
+    Elf64_Sym: st_name, st_info, st_other, st_shndx, st_value, st_size
+    """
     e = _endian(data)
     if elfclass == ELFCLASS32:
         return np.dtype([("st_name", e + "u4"), ("st_value", e + "u4"), ("st_size", e + "u4"),

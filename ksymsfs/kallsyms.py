@@ -1,4 +1,4 @@
-"""Parse /proc/kallsyms text into a SymbolTable: vectorized over the raw bytes, errors name file:line."""
+"""Parse /proc/kallsyms text into a SymbolTable, vectorized; errors name file:line."""
 
 from __future__ import annotations
 
@@ -105,7 +105,6 @@ def _parse_lines(data, buf, starts, ends, path, lenient) -> SymbolTable:
     spaces = np.flatnonzero(buf == 32)
     tabs = np.flatnonzero(buf == 9)
     ctrl = np.flatnonzero(((buf < 32) & (buf != 9) & (buf != 10)) | (buf == 127))
-    ctrl = ctrl[buf[ctrl] != 13] if lenient else ctrl
     # width of the address field = offset of the first space in the line
     si = np.searchsorted(spaces, starts)
     first_sp = spaces[np.minimum(si, len(spaces) - 1)] if len(spaces) else starts
@@ -131,7 +130,8 @@ def _parse_lines(data, buf, starts, ends, path, lenient) -> SymbolTable:
     ok &= (name_len >= 1) & (name_len < KSYM_NAME_LEN)
     hasmod = ok & (ntab == 1)
     mp = np.where(hasmod, tabpos, 0)
-    ok &= ~hasmod | ((ends - tabpos >= 4) & (buf[mp + 1] == 91) & (buf[np.maximum(ends - 1, 0)] == 93))
+    closing = buf[np.maximum(ends - 1, 0)] == 93  # "]"
+    ok &= ~hasmod | ((ends - tabpos >= 4) & (buf[mp + 1] == 91) & closing)
     addr, hex_ok = _hex_column(buf, np.where(ok, starts, 0), width)
     ok &= hex_ok
     bad = np.flatnonzero(~ok)

@@ -28,7 +28,8 @@ def read_sysctls(sysctl_dir: str = "/proc/sys/kernel") -> Sysctls:
 
 
 def kallsyms_show_value(s: Sysctls, cap_syslog: bool) -> bool:
-    """kernel/ksyms_common.c: 0 -> perf_event_paranoid <= 1 or CAP_SYSLOG; 1 -> CAP_SYSLOG; else no."""
+    """kernel/ksyms_common.c: kptr_restrict 0 -> perf_event_paranoid <= 1 or CAP_SYSLOG;
+    1 -> CAP_SYSLOG; 2 -> nobody."""
     if s.kptr_restrict == 0 and s.perf_event_paranoid <= 1:
         return True
     if s.kptr_restrict <= 1 and cap_syslog:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Union
+from typing import BinaryIO, Union
 
 import numpy as np
 
-from . import letters as L
+from . import letters as lt
 from .builder import INFO_SECTION, MODULES_SECTION
 from .elfdefs import (
     ELFCLASS32,
@@ -196,7 +197,7 @@ def letter_of(img: Image, i: int) -> str:
     if 0 < shndx < len(img.shdrs):
         sh_type, sh_flags = int(img.shdrs[shndx]["sh_type"]), int(img.shdrs[shndx]["sh_flags"])
         sname = img.section_names[shndx]
-    return L.nm_letter(shndx, bind, typ, sh_type, sh_flags, sname)
+    return lt.nm_letter(shndx, bind, typ, sh_type, sh_flags, sname)
 
 
 def nlist_type(img: Image, i: int) -> int:

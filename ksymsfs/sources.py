@@ -93,7 +93,7 @@ class Sources:
     strict_modules: bool = True          # kallsyms module absent from the list = unclean
 
     @classmethod
-    def live(cls, procfs: str = "/proc", sysfs: str = "/sys") -> "Sources":
+    def live(cls, procfs: str = "/proc", sysfs: str = "/sys") -> Sources:
         return cls(os.path.join(procfs, "kallsyms"), os.path.join(procfs, "modules"),
                    os.path.join(sysfs, "module"))
 
