@@ -70,7 +70,7 @@ def module_ranks(table: SymbolTable, load_order: list[str] | None) -> np.ndarray
     keep the reverse of their kallsyms appearance (kallsyms lists newest first too).
     """
     n = len(table.modules)
-    rank = np.zeros(n, np.int64)
+    rank = np.zeros(n, np.int32)
     pos = {m: i for i, m in enumerate(load_order or [])}
     listed = [i for i in range(1, n) if table.modules[i] in pos]
     unlisted = [i for i in range(1, n) if table.modules[i] not in pos]
@@ -91,7 +91,7 @@ def infer_sizes(addr: np.ndarray, group: np.ndarray) -> np.ndarray:
         return size
     new = np.ones(n, bool)
     new[1:] = (addr[1:] != addr[:-1]) | (group[1:] != group[:-1])
-    run = np.cumsum(new) - 1
+    run = np.cumsum(new, dtype=np.int32) - 1
     first = np.flatnonzero(new)
     nxt = np.append(first[1:], n)  # index of the next run's first element, per run
     has_next = nxt < n
@@ -103,8 +103,12 @@ def infer_sizes(addr: np.ndarray, group: np.ndarray) -> np.ndarray:
 
 def build_image(table: SymbolTable, target: Target, load_order: list[str] | None = None,
                 hide_addresses: bool = False,
-                section_bases: dict[str, dict[str, int]] | None = None) -> bytes:
-    """SymbolTable -> ELF bytes. Same inputs give byte-identical output."""
+                section_bases: dict[str, dict[str, int]] | None = None) -> bytearray:
+    """SymbolTable -> ELF image (a bytearray). Same inputs give byte-identical output.
+
+    The symbol table is written straight into the output buffer: peak memory is the
+    table plus one image plus per-symbol index arrays.
+    """
     n = len(table)
     addr = np.zeros(n, np.uint64) if hide_addresses else table.addr
     if int(addr.max(initial=0)) > target.word_max:
@@ -113,35 +117,99 @@ def build_image(table: SymbolTable, target: Target, load_order: list[str] | None
     info = lt.LETTER_INFO[table.letter]
     rank = module_ranks(table, load_order)[table.module]
     is_global = (info >> 4) != STB_LOCAL
-    order = np.lexsort((np.arange(n), rank, is_global))  # locals first, then kernel→modules
-    ehdr_t = ehdr_dtype(target.elfclass, target.data)
-    phdr_t = phdr_dtype(target.elfclass, target.data)
     sym_t = sym_dtype(target.elfclass, target.data)
-    # a lower bound on the final file size bounds each overlaying PROGBITS section
-    e = "<" if target.data == 1 else ">"
     modstr, modoff = _module_strtab(table.modules)
-    head = ehdr_t.itemsize + phdr_t.itemsize
-    symoff = _align(head, 8)
-    stroff = symoff + (n + 1) * sym_t.itemsize
-    infooff = _align(stroff + len(table.strtab), 4)
-    modsoff = infooff + 4 * (n + 1)
-    limit = modsoff + len(modstr)
-    sections, shndx, size = _sections(table, addr, cls, rank, limit, section_bases)
+    lay = _Layout(target, n, sym_t, len(table.strtab), len(modstr))
+    # every overlaying PROGBITS section must fit in the file: bound them by a lower
+    # bound of its final size (headers and .shstrtab only add to it)
+    sections, shndx, size = _sections(table, addr, cls, rank, lay.modsoff + len(modstr),
+                                      section_bases)
     if len(sections) + 6 >= SHN_LORESERVE:
         raise ImageError(f"{len(sections)} address sections: more than ELF section "
                          "numbering allows without SHN_XINDEX")
-    sym = np.zeros(n + 1, sym_t)
-    s = sym[1:]
-    s["st_name"] = table.name_off[order]
-    s["st_value"] = addr[order]
-    s["st_size"] = size[order]
-    s["st_info"] = info[order]
-    s["st_shndx"] = shndx[order]
+    shstr, name_offs = _shstrtab([x.name for x in sections])
+    out = lay.allocate(len(sections), len(shstr))
+    order = np.lexsort((rank, is_global))  # stable: locals first, then kernel→modules
+    del rank
+    sym = np.frombuffer(out, sym_t, n + 1, lay.symoff)[1:]
+    sym["st_name"] = table.name_off[order]
+    sym["st_value"] = addr[order]
+    sym["st_size"] = size[order]
+    sym["st_info"] = info[order]
+    sym["st_shndx"] = shndx[order]
+    del sym, size, shndx
+    words = np.frombuffer(out, ("<" if target.data == 1 else ">") + "u4", n + 1, lay.infooff)
+    words[1:] = table.letter[order].astype(np.uint32) | (modoff[table.module[order]] << 8)
+    del words
+    out[lay.stroff:lay.stroff + len(table.strtab)] = table.strtab
+    out[lay.modsoff:lay.modsoff + len(modstr)] = modstr
+    out[lay.shstroff:lay.shstroff + len(shstr)] = shstr
     first_global = 1 + int(np.count_nonzero(~is_global))
-    info_words = np.zeros(n + 1, e + "u4")
-    info_words[1:] = table.letter[order].astype(np.uint32) | (modoff[table.module[order]] << 8)
-    return _assemble(target, ehdr_t, phdr_t, sections, sym, first_global, table.strtab,
-                     info_words, modstr, symoff, stroff, infooff, modsoff)
+    lay.write_headers(out, sections, name_offs, first_global)
+    return out
+
+
+def _shstrtab(names: list[str]) -> tuple[bytes, dict[str, int]]:
+    shstr, offs = bytearray(b"\0"), {}
+    for nm in names + [".symtab", ".strtab", INFO_SECTION, MODULES_SECTION, ".shstrtab"]:
+        if nm not in offs:
+            offs[nm] = len(shstr)
+            shstr += nm.encode("utf-8", "surrogateescape") + b"\0"
+    return bytes(shstr), offs
+
+
+class _Layout:
+    """File offsets of every part, and the ELF/program/section headers that describe them."""
+
+    def __init__(self, target: Target, n: int, sym_t: np.dtype, strsize: int, modsize: int):
+        self.target = target
+        self.ehdr_t = ehdr_dtype(target.elfclass, target.data)
+        self.phdr_t = phdr_dtype(target.elfclass, target.data)
+        self.shdr_t = shdr_dtype(target.elfclass, target.data)
+        self.sym_t = sym_t
+        self.n = n
+        self.symoff = _align(self.ehdr_t.itemsize + self.phdr_t.itemsize, 8)
+        self.stroff = self.symoff + (n + 1) * sym_t.itemsize
+        self.strsize = strsize
+        self.infooff = _align(self.stroff + strsize, 4)
+        self.modsoff = self.infooff + 4 * (n + 1)
+        self.modsize = modsize
+
+    def allocate(self, nsec: int, shstrsize: int) -> bytearray:
+        self.shstroff = self.modsoff + self.modsize
+        self.shstrsize = shstrsize
+        self.shoff = _align(self.shstroff + shstrsize, 8)
+        self.shnum = nsec + 6
+        self.filesize = self.shoff + self.shnum * self.shdr_t.itemsize
+        return bytearray(self.filesize)
+
+    def write_headers(self, out: bytearray, sections: list[Section], name_offs, first_global):
+        t = self.target
+        sh = np.frombuffer(out, self.shdr_t, self.shnum, self.shoff)
+        word = 4 if t.elfclass == ELFCLASS32 else 8
+        for i, s in enumerate(sections, start=1):
+            sh[i] = (name_offs[s.name], s.sh_type, s.sh_flags, s.addr,
+                     0 if s.sh_type != SHT_NOBITS else self.filesize, s.size, 0, 0, 1, 0)
+        k = len(sections) + 1  # .symtab, then .strtab, .ksyms.info, .ksyms.modules, .shstrtab
+        sh[k] = (name_offs[".symtab"], SHT_SYMTAB, 0, 0, self.symoff,
+                 (self.n + 1) * self.sym_t.itemsize, k + 1, first_global, word,
+                 self.sym_t.itemsize)
+        sh[k + 1] = (name_offs[".strtab"], SHT_STRTAB, 0, 0, self.stroff, self.strsize,
+                     0, 0, 1, 0)
+        sh[k + 2] = (name_offs[INFO_SECTION], SHT_PROGBITS, 0, 0, self.infooff,
+                     4 * (self.n + 1), k, 0, 4, 4)
+        sh[k + 3] = (name_offs[MODULES_SECTION], SHT_STRTAB, 0, 0, self.modsoff,
+                     self.modsize, 0, 0, 1, 0)
+        sh[k + 4] = (name_offs[".shstrtab"], SHT_STRTAB, 0, 0, self.shstroff,
+                     self.shstrsize, 0, 0, 1, 0)
+        eh = np.frombuffer(out, self.ehdr_t, 1, 0)
+        ident = bytes([0x7F, ord("E"), ord("L"), ord("F"), t.elfclass, t.data,
+                       EV_CURRENT, 0]) + bytes(8)
+        eh[0] = (ident, ET_EXEC, t.machine, EV_CURRENT, 0, self.ehdr_t.itemsize, self.shoff,
+                 0, self.ehdr_t.itemsize, self.phdr_t.itemsize, 1, self.shdr_t.itemsize,
+                 self.shnum, k + 4)
+        ph = _load_segment(self.phdr_t, sections, self.filesize)
+        out[self.ehdr_t.itemsize:self.ehdr_t.itemsize + ph.nbytes] = ph.tobytes()
 
 
 def _module_strtab(modules: list[str]) -> tuple[bytes, np.ndarray]:
@@ -163,22 +231,27 @@ def _sections(table, addr, cls, rank, limit, section_bases):
     if len(idx) == 0:
         return [], shndx, size
     o = idx[np.lexsort((cls[idx], addr[idx], rank[idx]))]
+    del idx
     a, c, r = addr[o], cls[o], rank[o]
     sz = infer_sizes(a, r)
     half = max(limit // 2, 1)
-    sz = np.minimum(sz, np.uint64(half))
+    np.minimum(sz, np.uint64(half), out=sz)
     # a run: same module, same class, contiguous in address order
     new = np.ones(len(o), bool)
     new[1:] = (r[1:] != r[:-1]) | (c[1:] != c[:-1])
+    del r
     if section_bases:
         new |= _real_section_cuts(table, o, a, section_bases)
-    run = np.cumsum(new) - 1
-    run_start = a[np.flatnonzero(new)][run]
-    chunk = (a - run_start) // np.uint64(half)  # keeps each section <= limit bytes long
-    new2 = new.copy()
-    new2[1:] |= chunk[1:] != chunk[:-1]
-    sec = np.cumsum(new2) - 1
-    firsts = np.flatnonzero(new2)
+    starts = np.flatnonzero(new)
+    lengths = np.diff(np.append(starts, len(o)))
+    chunk = a - np.repeat(a[starts], lengths)
+    del starts, lengths
+    chunk //= np.uint64(half)  # keeps each section <= limit bytes long
+    new[1:] |= chunk[1:] != chunk[:-1]
+    del chunk
+    firsts = np.flatnonzero(new)
+    sec = np.cumsum(new, dtype=np.int32)  # 1-based section index per symbol
+    del new
     sec_end = np.maximum.reduceat(a + sz, firsts)
     sections = []
     mods = table.modules
@@ -188,7 +261,7 @@ def _sections(table, addr, cls, rank, limit, section_bases):
         name = _section_name(base, mod, int(a[f]), section_bases)
         start = int(a[f])
         sections.append(Section(name, sh_type, flags, start, int(sec_end[k]) - start))
-    shndx[o] = (sec + 1).astype(np.uint16)
+    shndx[o] = sec
     size[o] = sz
     return sections, shndx, size
 
@@ -240,51 +313,3 @@ def _load_segment(phdr_t, sections, filesize):
     ph[0]["p_memsz"] = filesize + nobits + (1 if nobits else 0)
     ph[0]["p_align"] = 1
     return ph
-
-
-def _assemble(target, ehdr_t, phdr_t, sections, sym, first_global, strtab, info_words,
-              modstr, symoff, stroff, infooff, modsoff) -> bytes:
-    shdr_t = shdr_dtype(target.elfclass, target.data)
-    names = [s.name for s in sections] + [".symtab", ".strtab", INFO_SECTION,
-                                          MODULES_SECTION, ".shstrtab"]
-    shstr, name_offs = bytearray(b"\0"), {}
-    for nm in names:
-        if nm not in name_offs:
-            name_offs[nm] = len(shstr)
-            shstr += nm.encode("utf-8", "surrogateescape") + b"\0"
-    shstroff = modsoff + len(modstr)
-    shoff = _align(shstroff + len(shstr), 8)
-    nsec = len(sections)
-    shnum = nsec + 6
-    sh = np.zeros(shnum, shdr_t)
-    filesize = shoff + sh.nbytes
-    word = 4 if target.elfclass == ELFCLASS32 else 8
-    for i, s in enumerate(sections, start=1):
-        sh[i] = (name_offs[s.name], s.sh_type, s.sh_flags, s.addr,
-                 0 if s.sh_type != SHT_NOBITS else filesize, s.size, 0, 0, 1, 0)
-    symtab_ndx = nsec + 1
-    sh[symtab_ndx] = (name_offs[".symtab"], SHT_SYMTAB, 0, 0, symoff, sym.nbytes,
-                      symtab_ndx + 1, first_global, word, sym.dtype.itemsize)
-    sh[symtab_ndx + 1] = (name_offs[".strtab"], SHT_STRTAB, 0, 0, stroff, len(strtab), 0, 0, 1, 0)
-    sh[symtab_ndx + 2] = (name_offs[INFO_SECTION], SHT_PROGBITS, 0, 0, infooff,
-                          info_words.nbytes, symtab_ndx, 0, 4, 4)
-    sh[symtab_ndx + 3] = (name_offs[MODULES_SECTION], SHT_STRTAB, 0, 0, modsoff, len(modstr),
-                          0, 0, 1, 0)
-    sh[symtab_ndx + 4] = (name_offs[".shstrtab"], SHT_STRTAB, 0, 0, shstroff, len(shstr),
-                          0, 0, 1, 0)
-    eh = np.zeros(1, ehdr_t)
-    ident = bytes([0x7F, ord("E"), ord("L"), ord("F"), target.elfclass, target.data,
-                   EV_CURRENT, 0]) + bytes(8)
-    eh[0] = (ident, ET_EXEC, target.machine, EV_CURRENT, 0, ehdr_t.itemsize, shoff, 0,
-             ehdr_t.itemsize, phdr_t.itemsize, 1, shdr_t.itemsize, shnum, symtab_ndx + 4)
-    ph = _load_segment(phdr_t, sections, filesize)
-    out = bytearray(filesize)
-    out[0:ehdr_t.itemsize] = eh.tobytes()
-    out[ehdr_t.itemsize:ehdr_t.itemsize + phdr_t.itemsize] = ph.tobytes()
-    out[symoff:symoff + sym.nbytes] = sym.tobytes()
-    out[stroff:stroff + len(strtab)] = strtab
-    out[infooff:infooff + info_words.nbytes] = info_words.tobytes()
-    out[modsoff:modsoff + len(modstr)] = modstr
-    out[shstroff:shstroff + len(shstr)] = shstr
-    out[shoff:] = sh.tobytes()
-    return bytes(out)

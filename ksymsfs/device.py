@@ -125,7 +125,8 @@ class Device:
         if img is not None:
             return img
         target = self.target or make_target(address_bits=snap.table.address_bits)
-        img = build_image(snap.table, target, snap.load_order, not show, snap.section_bases)
+        img = bytes(build_image(snap.table, target, snap.load_order, not show,
+                                snap.section_bases))  # immutable: shared between opens
         with self._lock:
             if snap is not self._snap:  # a new kernel state: forget the old images
                 self._images = {k: v for k, v in self._images.items() if k[0] == id(snap)}

@@ -23,8 +23,7 @@ class ParseError(KsymsError):
         where = f"{path}:{lineno}" if lineno else str(path)
         text = f"{where}: {reason}"
         if line is not None:
-            shown = line[:80].decode("ascii", "backslashreplace")
-            text += f": {shown!r}" + ("..." if len(line) > 80 else "")
+            text += f": {ascii(line[:80].decode('latin-1'))}" + ("..." if len(line) > 80 else "")
         super().__init__(text)
 
 

@@ -78,6 +78,9 @@ def _diagnose(line: bytes, width: int) -> str:
     return "malformed line"
 
 
+CHUNK = 1 << 20  # lines are parsed a megabyte at a time: temporaries stay small
+
+
 def parse_kallsyms(data: bytes, path: str = "<kallsyms>", lenient: bool = False) -> SymbolTable:
     """Parse kallsyms bytes. Strict: the first bad line raises ParseError(path:line).
 
@@ -93,60 +96,136 @@ def parse_kallsyms(data: bytes, path: str = "<kallsyms>", lenient: bool = False)
                              data[data.rfind(b"\n") + 1:])
         data = data + b"\n"
     buf = np.frombuffer(data, np.uint8)
-    nl = np.flatnonzero(buf == 10)
+    width = _address_width(data, path)
+    out = _Collector(data, buf)
+    pos, line_base = 0, 0
+    while pos < len(buf):
+        end = min(pos + CHUNK, len(buf))
+        if end < len(buf):
+            cut = data.rfind(b"\n", pos, end)
+            end = (cut if cut >= 0 else data.find(b"\n", end)) + 1
+        chunk = _parse_chunk(data, buf, pos, end, width, path, lenient, line_base)
+        line_base += chunk["nlines"]
+        out.add(chunk)
+        pos = end
+    if out.count == 0:
+        raise ParseError(path, None, "no symbol lines found")
+    return out.table(width)
+
+
+class _Collector:
+    """Accumulates per-chunk results into the final arrays, string table and module list."""
+
+    def __init__(self, data: bytes, buf: np.ndarray):
+        self.data, self.buf = data, buf
+        self.parts: dict[str, list[np.ndarray]] = {"addr": [], "letter": [], "module": [],
+                                                   "name_off": []}
+        self.strtab = bytearray(b"\0")
+        self.names: dict[bytes, int] = {}
+        self.count = self.skipped = 0
+
+    def add(self, c: dict) -> None:
+        self.skipped += c["skipped"]
+        self.count += len(c["addr"])
+        self.parts["addr"].append(c["addr"])
+        self.parts["letter"].append(c["letter"])
+        self.parts["module"].append(self._module_ids(c["tabpos"], c["ends"], c["hasmod"]))
+        self.parts["name_off"].append(self._names(c["name_start"], c["name_len"]))
+
+    def _module_ids(self, tabpos, ends, has) -> np.ndarray:
+        """Module index per line (0 = kernel), names interned in first-appearance order."""
+        module = np.zeros(len(tabpos), np.uint32)
+        idx = np.flatnonzero(has)
+        if len(idx) == 0:
+            return module
+        ids = np.empty(len(idx), np.uint32)
+        prev_key, prev_id = None, 0
+        for k, (a, b) in enumerate(zip(tabpos[idx].tolist(), ends[idx].tolist())):
+            key = self.data[a + 2:b - 1]
+            if key != prev_key:
+                prev_id = self.names.setdefault(key, len(self.names) + 1)
+                prev_key = key
+            ids[k] = prev_id
+        module[idx] = ids
+        return module
+
+    def _names(self, name_start, name_len) -> np.ndarray:
+        """Append the chunk's names (each plus its terminator, made NUL) to the strtab."""
+        base = len(self.strtab)
+        if len(name_start) == 0:
+            return np.zeros(0, np.uint32)
+        lo, hi = int(name_start[0]), int(name_start[-1] + name_len[-1]) + 1
+        mark = np.zeros(hi - lo + 1, np.int8)
+        mark[name_start - lo] = 1
+        mark[name_start - lo + name_len + 1] -= 1
+        np.cumsum(mark, out=mark)
+        got = self.buf[lo:hi][mark[:-1].view(bool)]
+        ends = np.cumsum(name_len + 1) - 1
+        got[ends] = 0
+        self.strtab += got.data
+        return (base + ends - name_len).astype(np.uint32)
+
+    def table(self, width: int) -> SymbolTable:
+        cat = {k: np.concatenate(v) for k, v in self.parts.items()}
+        modules = [""] + [k.decode("utf-8", "surrogateescape") for k in self.names]
+        return SymbolTable(addr=cat["addr"], letter=cat["letter"], module=cat["module"],
+                           name_off=cat["name_off"], strtab=self.strtab, modules=modules,
+                           address_bits=width * 4, skipped=self.skipped)
+
+
+def _address_width(data: bytes, path: str) -> int:
+    """8 or 16: the address width of the first line that looks like a symbol line."""
+    pos = 0
+    while pos < len(data):
+        end = data.find(b"\n", pos)
+        sp = data.find(b" ", pos, end)
+        if sp - pos in (8, 16) and all(_HEX[b] != 255 for b in data[pos:sp]):
+            return sp - pos
+        pos = end + 1
+    first = data[:data.find(b"\n")].rstrip(b"\r")
+    raise ParseError(path, 1, _diagnose(first, 16), first)
+
+
+def _parse_chunk(data, buf, pos, end, width, path, lenient, line_base) -> dict:
+    """Validate and split the whole lines in buf[pos:end]; positions returned are absolute."""
+    view = buf[pos:end]
+    nl = np.flatnonzero(view == 10)
     starts = np.concatenate(([0], nl[:-1] + 1))
     ends = nl.copy()
-    has_cr = (ends > starts) & (buf[np.maximum(ends - 1, 0)] == 13)
-    ends -= has_cr
-    return _parse_lines(data, buf, starts, ends, path, lenient)
-
-
-def _parse_lines(data, buf, starts, ends, path, lenient) -> SymbolTable:
-    spaces = np.flatnonzero(buf == 32)
-    tabs = np.flatnonzero(buf == 9)
-    ctrl = np.flatnonzero(((buf < 32) & (buf != 9) & (buf != 10)) | (buf == 127))
-    # width of the address field = offset of the first space in the line
+    ends -= (ends > starts) & (view[np.maximum(ends - 1, 0)] == 13)  # CRLF
+    spaces = np.flatnonzero(view == 32)
+    tabs = np.flatnonzero(view == 9)
+    ctrl = np.flatnonzero((view < 32) & (view != 9) & (view != 10) | (view == 127))
     si = np.searchsorted(spaces, starts)
     first_sp = spaces[np.minimum(si, len(spaces) - 1)] if len(spaces) else starts
-    width_i = np.where(si < len(spaces), first_sp - starts, -1)
-    cand = np.flatnonzero((width_i == 8) | (width_i == 16))
-    if len(cand) == 0:
-        raise ParseError(path, 1, _diagnose(data[starts[0]:ends[0]], 16),
-                         data[starts[0]:ends[0]])
-    width = int(width_i[cand[0]])
-    ok = (width_i == width) & (ends - starts >= width + 4)
+    ok = (si < len(spaces)) & (first_sp - starts == width) & (ends - starts >= width + 4)
     ok &= _count_in(spaces, starts, ends) == 2
     ok &= _count_in(ctrl, starts, ends) == 0
     ntab = _count_in(tabs, starts, ends)
     ok &= ntab <= 1
     lp = np.where(ok, starts + width, 0)
-    ok &= (buf[lp + 1] != 0) & (LETTER_CLASS[buf[lp + 1]] != 255) & (buf[lp + 2] == 32)
+    ok &= (view[lp + 1] != 0) & (LETTER_CLASS[view[lp + 1]] != 255) & (view[lp + 2] == 32)
     name_start = starts + width + 3
-    ti = np.searchsorted(tabs, starts)
-    tabpos = np.where(ntab == 1, tabs[np.minimum(ti, max(len(tabs) - 1, 0))] if len(tabs)
-                      else ends, ends)
-    name_end = np.where(ntab == 1, tabpos, ends)
-    name_len = name_end - name_start
+    ti = np.minimum(np.searchsorted(tabs, starts), max(len(tabs) - 1, 0))
+    tabpos = np.where(ntab == 1, tabs[ti] if len(tabs) else ends, ends)
+    name_len = tabpos - name_start
     ok &= (name_len >= 1) & (name_len < KSYM_NAME_LEN)
     hasmod = ok & (ntab == 1)
     mp = np.where(hasmod, tabpos, 0)
-    closing = buf[np.maximum(ends - 1, 0)] == 93  # "]"
-    ok &= ~hasmod | ((ends - tabpos >= 4) & (buf[mp + 1] == 91) & closing)
-    addr, hex_ok = _hex_column(buf, np.where(ok, starts, 0), width)
+    closing = view[np.maximum(ends - 1, 0)] == 93  # "]"
+    ok &= ~hasmod | ((ends - tabpos >= 4) & (view[mp + 1] == 91) & closing)
+    addr, hex_ok = _hex_column(view, np.where(ok, starts, 0), width)
     ok &= hex_ok
     bad = np.flatnonzero(~ok)
     if len(bad) and not lenient:
         i = int(bad[0])
-        line = data[starts[i]:ends[i]]
-        raise ParseError(path, i + 1, _diagnose(line, width), line)
+        line = data[pos + starts[i]:pos + ends[i]]
+        raise ParseError(path, line_base + i + 1, _diagnose(line, width), line)
     keep = np.flatnonzero(ok)
-    if len(keep) == 0:
-        raise ParseError(path, None, "no symbol lines found")
-    module, modules = _modules(data, tabpos[keep], ends[keep], ntab[keep] == 1)
-    strtab, name_off = _strtab(buf, name_start[keep], name_len[keep])
-    return SymbolTable(addr=addr[keep], letter=buf[starts[keep] + width + 1].copy(),
-                       module=module, name_off=name_off, strtab=strtab, modules=modules,
-                       address_bits=width * 4, skipped=len(bad))
+    return {"addr": addr[keep], "letter": view[starts[keep] + width + 1].copy(),
+            "name_start": pos + name_start[keep], "name_len": name_len[keep],
+            "tabpos": pos + tabpos[keep], "ends": pos + ends[keep], "hasmod": hasmod[keep],
+            "skipped": len(bad), "nlines": len(starts)}
 
 
 def _hex_column(buf: np.ndarray, starts: np.ndarray, width: int):
@@ -158,36 +237,3 @@ def _hex_column(buf: np.ndarray, starts: np.ndarray, width: int):
         valid &= nib != 255
         acc = (acc << np.uint64(4)) | (nib & 15).astype(np.uint64)
     return acc, valid
-
-
-def _modules(data: bytes, tabpos, ends, has) -> tuple[np.ndarray, list[str]]:
-    """Module index per line (0 = kernel), interning names in first-appearance order."""
-    module = np.zeros(len(tabpos), np.uint32)
-    idx = np.flatnonzero(has)
-    if len(idx) == 0:
-        return module, [""]
-    names: dict[bytes, int] = {}
-    ids = np.empty(len(idx), np.uint32)
-    tp, en = tabpos[idx].tolist(), ends[idx].tolist()
-    prev_key, prev_id = None, 0
-    for k, (a, b) in enumerate(zip(tp, en)):
-        key = data[a + 2:b - 1]
-        if key != prev_key:
-            prev_id = names.setdefault(key, len(names) + 1)
-            prev_key = key
-        ids[k] = prev_id
-    module[idx] = ids
-    return module, [""] + [k.decode("utf-8", "surrogateescape") for k in names]
-
-
-def _strtab(buf: np.ndarray, name_start: np.ndarray, name_len: np.ndarray):
-    """Gather every name plus its terminator byte, then turn terminators into NULs."""
-    mark = np.zeros(len(buf) + 2, np.int8)
-    mark[name_start] = 1
-    mark[name_start + name_len + 1] -= 1
-    np.cumsum(mark, out=mark)
-    out = buf[mark[:len(buf)].view(bool)]
-    ends = np.cumsum(name_len + 1)
-    out[ends - 1] = 0
-    name_off = (ends - name_len).astype(np.uint32)  # +1 for the leading NUL, -1 for end
-    return b"\0" + out.tobytes(), name_off

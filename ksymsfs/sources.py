@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -106,7 +107,7 @@ class Snapshot:
     modules: list[ModuleInfo] | None
     section_bases: dict[str, dict[str, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    raw: tuple[bytes, bytes | None] = (b"", None)  # the bytes read, to spot "unchanged"
+    digest: bytes = b""  # SHA-256 of the bytes read, to spot "nothing changed"
 
     @property
     def load_order(self) -> list[str] | None:
@@ -135,7 +136,7 @@ def take_snapshot(src: Sources, tries: int = SNAPSHOT_TRIES,
                   previous: Snapshot | None = None) -> Snapshot:
     """Read modules, kallsyms, modules again; retry while they disagree, then ENXIO.
 
-    If the bytes read equal ``previous.raw``, ``previous`` itself is returned: nothing
+    If the bytes read hash to ``previous.digest``, ``previous`` itself is returned: nothing
     changed, so its parsed table (and any image built from it) is still exact.
     """
     why = ""
@@ -146,7 +147,8 @@ def take_snapshot(src: Sources, tries: int = SNAPSHOT_TRIES,
         if m1 != m2:
             why = f"{src.modules} changed while {src.kallsyms} was read"
             continue
-        if previous is not None and previous.raw[0] == kdata and previous.raw[1] == m1:
+        digest = _digest(kdata, m1)
+        if previous is not None and previous.digest == digest:
             return previous
         table = parse_kallsyms(kdata, src.kallsyms, lenient=src.lenient)
         mods = None if m1 is None else parse_modules(m1, src.modules or "")
@@ -157,8 +159,15 @@ def take_snapshot(src: Sources, tries: int = SNAPSHOT_TRIES,
         bases = {}
         if src.sections and mods:
             bases = read_section_bases(src.sections, mods, section_cache)
-        return Snapshot(table, mods, bases, warnings, (kdata, m1))
+        del kdata  # only the parsed table is kept
+        return Snapshot(table, mods, bases, warnings, digest)
     raise SnapshotError(f"no consistent snapshot after {tries} tries: {why}")
+
+
+def _digest(kdata: bytes, mdata: bytes | None) -> bytes:
+    h = hashlib.sha256(kdata)
+    h.update(b"\0modules\0" + (mdata if mdata is not None else b"\xff"))
+    return h.digest()
 
 
 def _cross_check(table: SymbolTable, mods: list[ModuleInfo] | None, src: Sources) -> list[str]:

@@ -170,12 +170,14 @@ class Report:
     """Rows of the table, the checks, and every figure for --json."""
 
     def __init__(self) -> None:
+        self.sections: dict[str, list[tuple]] = {}
         self.rows: list[tuple] = []
         self.checks: list[dict] = []
         self.data: dict = {}
 
     def section(self, title: str) -> None:
-        self.rows.append(("section", title))
+        """Start a section; the table prints sections in title order (a, b, c...)."""
+        self.rows = self.sections.setdefault(title, [])
 
     def skip(self, why: str) -> None:
         self.rows.append(("skip", why))
@@ -197,18 +199,21 @@ class Report:
               f"{'target':<9} result"
         print(hdr, file=out)
         print("-" * len(hdr), file=out)
-        for r in self.rows:
-            if r[0] == "section":
-                print(f"\n[{r[1]}]", file=out)
-            elif r[0] == "skip":
-                print(f"  SKIPPED: {r[1]}", file=out)
-            else:
-                _, what, value, unit, base, ratio, target, passed = r
-                v = "-" if value is None else (f"{value:.4g} {unit}".strip())
-                rt = "" if ratio is None else f"{ratio:.2f}x"
-                res = "" if passed is None else ("PASS" if passed else "FAIL")
-                print(f"  {what:<44} {v:>12}  {base:<24} {rt:>7}  {target:<9} {res}",
-                      file=out)
+        for title in sorted(self.sections):
+            print(f"\n[{title}]", file=out)
+            for r in self.sections[title]:
+                self._print_row(r, out)
+
+    @staticmethod
+    def _print_row(r: tuple, out) -> None:
+        if r[0] == "skip":
+            print(f"  SKIPPED: {r[1]}", file=out)
+            return
+        _, what, value, unit, base, ratio, target, passed = r
+        v = "-" if value is None else (f"{value:.4g} {unit}".strip())
+        rt = "" if ratio is None else f"{ratio:.2f}x"
+        res = "" if passed is None else ("PASS" if passed else "FAIL")
+        print(f"  {what:<44} {v:>12}  {base:<24} {rt:>7}  {target:<9} {res}", file=out)
 
 
 def fmt_bytes(n: float) -> str:
@@ -563,7 +568,9 @@ def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str) -> d
         res["levels"].append(e)
         last = procs == max(args.concurrency)
         okc = rep.check(f"concurrent_{procs}_all_ok", None, 0, ok_all) if last else None
-        rep.row(f"{procs} readers: all succeed", None, "", "", None,
+        nbad = sum(len(w["errors"]) > 0 or not w["ok"] for w in waves)
+        rep.row(f"{procs} readers: all succeed", None, "",
+                f"{len(waves) - nbad}/{len(waves)} waves ok", None,
                 "all" if last else "", okc if last else (None if ok_all else False))
         if errs:
             rep.row(f"  errors: {'; '.join(errs)[:40]}", None, "")

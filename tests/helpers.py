@@ -30,7 +30,7 @@ IN_CI = bool(os.environ.get("CI"))
 # names are 1..511 bytes without spaces or control characters (KSYM_NAME_LEN 512).
 SYMBOL_LINE = re.compile(
     rb"^(?P<addr>[0-9a-fA-F]{8}|[0-9a-fA-F]{16}) (?P<letter>[!-~]) "
-    rb"(?P<name>[!-~\x80-\xff]{1,511})(?:\t\[(?P<module>[!-\\^-~\x80-\xff]+)\])?$")
+    rb"(?P<name>[!-~\x80-\xff]{1,511})(?:\t\[(?P<module>[!-~\x80-\xff]+)\])?$")
 
 
 @dataclass(frozen=True)

@@ -230,6 +230,15 @@ def test_missing_image_file(tmp_path: Path) -> None:
         assert "Traceback" not in err and err.count("\n") == 1 and str(path) in err
 
 
+@pytest.mark.parametrize("addr", ["zz", "0x", "-1", "1" + "0" * 16])
+def test_lookup_bad_address(addr: str, good_images: dict[str, Path]) -> None:
+    """Not a hex address, or not a 64-bit one: exit 2 with one line, no traceback."""
+    r = run_ksymsfs("lookup", good_images["64"], "--", addr)
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("ksymsfs: ")
+
+
 def test_good_images_still_read(good_images: dict[str, Path]) -> None:
     """The corruption tests above start from images that do read fine."""
     for img in good_images.values():

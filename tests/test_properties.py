@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 from ksymsfs import reader
 from ksymsfs.builder import build_image
 from ksymsfs.elfdefs import make_target
-from ksymsfs.errors import KsymsError
+from ksymsfs.errors import KsymsError, ParseError
 from ksymsfs.kallsyms import KSYM_NAME_LEN, parse_kallsyms
 from ksymsfs.letters import LETTERS
+from tests.helpers import parse_input
 
 SETTINGS = settings(max_examples=200, deadline=2000,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -78,6 +79,45 @@ def test_roundtrip_random_tables(case, crlf: bool) -> None:
     for n in sample:
         got = {h.n_value for h in found[n] if h.name == n}
         assert got == want[n]
+
+
+# --- arbitrary text: the parser agrees with a plain regex, or fails with ParseError ------
+
+_addr_field = st.sampled_from([b"ffffffff81000000", b"c0008000", b"FFFFFFFF81000000", b"00000000",
+                               b"0000000000000000", b"ffffffff8100000", b"c000800g", b"HTTP/1.0"])
+_letter_field = st.sampled_from([b"T", b"t", b"X", b"?", b"U", b"w", b"a", b" ", b"\t", b"", b"TT"])
+_name_field = st.sampled_from([b"foo", b"_stext", b"a[b]", b"x\x00y", b"x y", b"\xff\xfe",
+                               b"n" * 511, b"n" * 512, b"", b"a\tb", b"\x7f", b"\r", b"\x1b"])
+_module_field = st.sampled_from([b"", b"", b"\t[ext4]", b"\t[ext4", b"\t[]", b"\t[a b]",
+                                 b"\t[a]b]", b" [ext4]", b"\t[e\tx]", b"\t[bpf]", b"\t\t[x]"])
+_sep = st.sampled_from([b" ", b" ", b" ", b"  ", b"\t"])
+_line = st.builds(lambda a, s1, c, s2, n, m: a + s1 + c + s2 + n + m,
+                  _addr_field, _sep, _letter_field, _sep, _name_field, _module_field)
+_junk = st.sampled_from([b"", b"--", b"HTTP/1.0 200 OK\r", b"[+] x", b" ", b"\r"]) | st.binary(
+    max_size=20)
+_eol = st.sampled_from([b"\n", b"\n", b"\r\n", b"\r\r\n"])
+
+
+@SETTINGS
+@given(st.lists(st.tuples(_line | _junk, _eol), max_size=12), st.booleans(), st.booleans())
+def test_parser_matches_reference(lines, lenient: bool, cut_last_newline: bool) -> None:
+    """parse_kallsyms accepts exactly the lines tests/helpers.parse_input calls symbols."""
+    data = b"".join(text + eol for text, eol in lines)
+    if cut_last_newline and data:
+        data = data[:-1]
+    syms, junk = parse_input(data)
+    try:
+        table = parse_kallsyms(data, "<fuzz>", lenient=lenient)
+    except ParseError as e:
+        assert "\n" not in str(e)
+        assert lenient or junk or not syms or not data.endswith(b"\n"), str(e)
+        assert not lenient or not syms, str(e)
+        return
+    assert lenient or not junk
+    assert table.skipped == len(junk)
+    image = build_image(table, make_target(None, None, None, table.address_bits))
+    want = Counter(s.text[:s.width].lower() + s.text[s.width:] for s in syms)
+    assert Counter(reader.dump_lines(image)) == want
 
 
 # --- corrupted images ----------------------------------------------------------------------
@@ -166,3 +206,12 @@ def test_truncated_image_fails_cleanly(base: bytes, data) -> None:
 def test_random_bytes_fail_cleanly(blob: bytes) -> None:
     _exercise(blob)
     _exercise(b"\x7fELF" + blob)
+
+
+@settings(max_examples=50, deadline=2000)
+@given(st.sampled_from(BASES), st.one_of(st.integers(max_value=-1), st.integers(min_value=2**64)))
+def test_lookup_out_of_range_address(base: bytes, addr: int) -> None:
+    try:
+        reader.lookup(base, [addr])
+    except KsymsError:
+        return

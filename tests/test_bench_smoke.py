@@ -1,0 +1,116 @@
+"""Smoke test of scripts/bench.py (shape of its JSON, no timing assertions) and of the
+synthetic table generator scripts/gen_kallsyms.py it feeds on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+import gen_kallsyms  # noqa: E402
+
+from ksymsfs.kallsyms import parse_kallsyms  # noqa: E402
+from ksymsfs.sources import parse_modules  # noqa: E402
+
+
+def _positive(d: dict, *keys: str) -> None:
+    for k in keys:
+        v = d[k]
+        if isinstance(v, dict):
+            v = v["median"]
+        assert isinstance(v, (int, float)) and v > 0, (k, v)
+
+
+@pytest.fixture(scope="module")
+def bench_json(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick",
+                        "--json", str(out), "--no-fuse"], cwd=str(REPO),
+                       capture_output=True, text=True, timeout=55)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "SKIPPED: --no-fuse given" in r.stdout
+    return json.loads(out.read_text())
+
+
+def test_bench_sections_present(bench_json):
+    for key in ("meta", "live", "tools", "scaling", "concurrency", "lookup", "checks"):
+        assert key in bench_json
+    assert bench_json["meta"]["quick"] is True
+    assert bench_json["meta"]["repeat"] >= 1
+    # the FUSE sections say why they were skipped
+    assert bench_json["tools"]["skipped"]
+    assert bench_json["concurrency"]["skipped"]
+
+
+def test_bench_live_section(bench_json):
+    live = bench_json["live"]
+    if live["skipped"]:
+        pytest.skip(f"live section skipped: {live['skipped']}")
+    _positive(live, "cat_s", "read_s", "make_image_s", "image_bytes", "kallsyms_lines")
+    assert live["fuse"]["skipped"]
+
+
+def test_bench_scaling_section(bench_json):
+    sizes = bench_json["scaling"]["sizes"]
+    assert len(sizes) >= 2
+    assert [s["symbols"] for s in sizes] == sorted(s["symbols"] for s in sizes)
+    for s in sizes:
+        _positive(s, "symbols", "input_bytes", "image_bytes", "build_s", "read_s",
+                  "snapshot_s", "peak_rss_bytes", "rss_per_image", "build_per_read")
+        assert len(s["build_s"]["runs"]) == bench_json["meta"]["repeat"]
+    _positive(bench_json["scaling"]["linearity"], "time_ratio", "symbol_ratio")
+
+
+def test_bench_lookup_section(bench_json):
+    lk = bench_json["lookup"]
+    assert not lk["skipped"]
+    _positive(lk, "nlist_bytes_ms", "nlist_parsed_ms", "lookup_bytes_ms", "parse_image_ms",
+              "strtab_scan_ms")
+    assert len(lk["names"]) == 10 and len(lk["addresses"]) == 10
+    assert lk["names_found"] == 9       # nine picked from the table, one made up
+    assert lk["addresses_resolved"] >= 1
+
+
+def test_bench_checks(bench_json):
+    assert bench_json["checks"]
+    for c in bench_json["checks"]:
+        assert set(c) >= {"name", "value", "target", "passed"}
+        assert c["passed"] in (True, False, None)
+        assert c["target"] >= 0
+
+
+def test_generator_is_realistic_and_deterministic():
+    ks, mods = gen_kallsyms.generate(20000, 12, 64, seed=5)
+    assert (ks, mods) == gen_kallsyms.generate(20000, 12, 64, seed=5)
+    assert ks != gen_kallsyms.generate(20000, 12, 64, seed=6)[0]
+    table = parse_kallsyms(ks, "gen")          # strict: every line well-formed
+    assert len(table) == 20000 and table.address_bits == 64
+    listed = parse_modules(mods, "gen-modules")
+    assert len(listed) == 12
+    # kallsyms: modules newest first, in /proc/modules order; pseudo-modules after them
+    seen = list(dict.fromkeys(table.modules[i] for i in table.module.tolist() if i))
+    assert seen[:12] == [m.name for m in listed]
+    assert seen[12:] == ["__builtin__ftrace", "bpf"]
+    kern = table.addr[table.module == 0]
+    assert (kern[1:] >= kern[:-1]).all()       # core kernel sorted by address
+    for m in listed:
+        a = table.addr[table.module == table.modules.index(m.name)]
+        assert m.address == int(a.min()) >= 0xFFFFFFFFC0000000
+        assert int(a.max()) < m.address + m.size
+    letters = {chr(c) for c in table.letter.tolist()}
+    assert {"t", "T", "r", "d", "b"} <= letters
+    names = [table.name(i) for i in range(len(table))]
+    assert len(set(names)) < len(names)        # duplicate static names exist
+    assert 5 <= min(map(len, names)) and max(map(len, names)) <= 200
+
+
+def test_generator_32bit():
+    ks, _ = gen_kallsyms.generate(2000, 3, 32, seed=1)
+    table = parse_kallsyms(ks, "gen32")
+    assert table.address_bits == 32
