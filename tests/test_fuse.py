@@ -392,3 +392,24 @@ def test_mount_fuse_helper_protocol(tmp_path):
     finally:
         subprocess.run(ksymsfs_cmd("umount", str(mp_)), env=env())
     assert mount_state(str(mp_)) == "none"
+
+
+def test_libbsd_nlist_same_on_mount_and_saved_image(live_mount, tmp_path, nlist_client):
+    """A C program calling libbsd nlist(3) on /dev/ksyms: the fstat size must be true."""
+    saved = tmp_path / "saved.elf"
+    saved.write_bytes(read_all(live_mount.path))
+    img = parse_image(saved.read_bytes())
+    names = [n for n in ("_stext", "schedule", "printk", "_printk", "jiffies", "do_exit")
+             if nlist(img, [n])[n]] + ["no_such_symbol_abc"]
+    on_mount = subprocess.run([str(nlist_client), str(live_mount.path), *names],
+                              capture_output=True, text=True)
+    on_file = subprocess.run([str(nlist_client), str(saved), *names], capture_output=True,
+                             text=True)
+    assert on_mount.returncode == 0 and on_mount.stderr == ""
+    assert on_mount.stdout == on_file.stdout
+    lines = on_mount.stdout.splitlines()
+    assert lines[-1] == "1"  # one name not found
+    for line, name in zip(lines, names[:-1]):
+        _, n_type, n_value = line.split()
+        (hit,) = nlist(img, [name])[name][:1]
+        assert int(n_type, 16) == hit.n_type and int(n_value, 16) == hit.n_value
