@@ -537,7 +537,19 @@ def one_wave(mp: str, procs: int, pid: int) -> dict:
             "bytes": sizes[0] if sizes else 0}
 
 
-def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str) -> dict:
+def local_wave(path: str, procs: int) -> float:
+    """The floor: the same number of dd processes reading a local copy at once."""
+    t = time.perf_counter()
+    ps = [subprocess.Popen(["dd", f"if={path}", "of=/dev/null", "bs=1M"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+          for _ in range(procs)]
+    for p in ps:
+        p.wait()
+    return time.perf_counter() - t
+
+
+def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str,
+                    work: str) -> dict:
     rep.section("d) concurrent readers: N processes open+read the mount at once")
     res: dict = {"skipped": None, "levels": []}
     if mount is None:
@@ -551,7 +563,9 @@ def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str) -> d
     mp = mount.mountpoint
     image = read_all(mp)
     res["image_bytes"] = image
-    base = None
+    local = os.path.join(work, "concurrency-local.elf")
+    shutil.copyfile(mp, local)
+    base = local_base = None
     for procs in args.concurrency:
         one_wave(mp, procs, mount.pid)  # warm-up
         waves = [one_wave(mp, procs, mount.pid) for _ in range(args.repeat)]
@@ -560,11 +574,15 @@ def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str) -> d
         ok_all = all(w["ok"] for w in waves)
         errs = sorted({e for w in waves for e in w["errors"]})
         base = wall if base is None else base
+        local_wave(local, procs)
+        lw = med([local_wave(local, procs) for _ in range(args.repeat)])
+        local_base = lw if local_base is None else local_base
         e = {"processes": procs, "wall_s": fig([w["wall_s"] for w in waves]),
              "all_ok": ok_all, "errors": errs[:5],
              "daemon_rss_before": waves[-1]["rss_before"], "daemon_peak_growth": growth,
              "daemon_peak": max(w["hwm"] for w in waves), "wall_ratio": wall / base,
-             "growth_per_image": growth / image}
+             "growth_per_image": growth / image, "local_wall_s": lw,
+             "local_wall_ratio": lw / local_base}
         res["levels"].append(e)
         last = procs == max(args.concurrency)
         okc = rep.check(f"concurrent_{procs}_all_ok", None, 0, ok_all) if last else None
@@ -579,6 +597,8 @@ def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str) -> d
                         what=f"{procs} at once / 1") if last else None
         rep.row(f"{procs} readers: wall time", wall * 1e3, "ms", "1 reader", wall / base,
                 f"<= {lim}x" if last else "", okw)
+        rep.row(f"  {procs} dd of a local copy (floor)", lw * 1e3, "ms", "1 dd of the copy",
+                lw / local_base)
         lim = TARGETS["daemon_mem_per_image"]
         okm = rep.check("daemon_mem_per_image", growth / image, lim,
                         what=f"daemon peak RSS growth, {procs} readers / image") if last \
@@ -756,7 +776,7 @@ def main(argv=None) -> int:
         }
         data["live"] = sec_live(rep, args, mount, mount_err)
         data["tools"] = sec_tools(rep, args, mount, mount_err, work)
-        data["concurrency"] = sec_concurrency(rep, args, mount, mount_err)
+        data["concurrency"] = sec_concurrency(rep, args, mount, mount_err, work)
         if mount is not None:
             mount.stop()
             mount = None
