@@ -163,17 +163,21 @@ class Device:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise DeviceError(errno.EROFS, "read-only device")
         creds = self._creds(tid)
+        show = kallsyms_show_value(read_sysctls(self.sysctl_dir), creds.cap_syslog)
         with self._lock:
             if creds.tgid in self._by_tgid:
                 raise DeviceError(errno.EBUSY, f"process {creds.tgid} already has it open")
+            if any(h.show_addresses != show for h in self._handles.values()):
+                # mmap goes through the file's one page cache, whoever filled it: never
+                # let an opener who may not see addresses share it with one who may
+                raise DeviceError(errno.EBUSY, "open by a process with other address rights")
             if len(self._handles) >= self.max_open:
                 raise DeviceError(errno.ENOMEM, f"{self.max_open} snapshots already open")
             fh = self._next_fh
             self._next_fh += 1
             self._by_tgid[creds.tgid] = fh  # reserve: a racing thread of ours gets EBUSY
-            self._handles[fh] = Handle(creds.tgid, b"", False, time.time())
+            self._handles[fh] = Handle(creds.tgid, b"", show, time.time())
         try:
-            show = kallsyms_show_value(read_sysctls(self.sysctl_dir), creds.cap_syslog)
             image = self.snapshot(show)
         except BaseException:
             self.release(fh)
@@ -181,6 +185,13 @@ class Device:
         with self._lock:
             self._handles[fh] = Handle(creds.tgid, image, show, time.time())
         return fh
+
+    def image_of(self, fh: int) -> bytes:
+        """The open's snapshot itself (no copy), for the adapter's zero-copy read."""
+        h = self._handles.get(fh)
+        if h is None:
+            raise DeviceError(errno.EBADF)
+        return h.image
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         h = self._handles.get(fh)

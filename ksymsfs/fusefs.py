@@ -118,6 +118,21 @@ def _tame_malloc(device: Device) -> None:
         pass
 
 
+class _ZeroCopyFUSE(FUSE):
+    """fusepy's read copies twice (slice, then memmove); copy once, GIL released."""
+
+    def read(self, path, buf, size, offset, fip):
+        try:
+            image = self.operations.device.image_of(fip.contents.fh)
+        except KsymsError as e:
+            return -e.errno
+        n = max(0, min(size, len(image) - offset))
+        if n:
+            base = ctypes.cast(ctypes.c_char_p(image), ctypes.c_void_p).value
+            ctypes.memmove(buf, base + offset, n)
+        return n
+
+
 def serve(device: Device, mountpoint: str, *, foreground: bool = True,
           allow_other: bool = False, debug: bool = False, uid: int = 0, gid: int = 0,
           extra: dict | None = None) -> None:
@@ -126,7 +141,7 @@ def serve(device: Device, mountpoint: str, *, foreground: bool = True,
     opts = dict(extra or {})
     if allow_other:
         opts["allow_other"] = True
-    FUSE(KsymsOperations(device, uid, gid), mountpoint, raw_fi=True, foreground=foreground,
+    _ZeroCopyFUSE(KsymsOperations(device, uid, gid), mountpoint, raw_fi=True, foreground=foreground,
          debug=debug, nothreads=False, ro=True, default_permissions=True,
          fsname="ksymsfs", subtype="ksymsfs", attr_timeout=0, entry_timeout=0,
          negative_timeout=0, **opts)

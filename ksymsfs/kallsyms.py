@@ -97,16 +97,16 @@ def parse_kallsyms(data: bytes, path: str = "<kallsyms>", lenient: bool = False)
         data = data + b"\n"
     buf = np.frombuffer(data, np.uint8)
     width = _address_width(data, path)
-    out = _Collector(data, buf)
+    out = _Collector(data)
     pos, line_base = 0, 0
     while pos < len(buf):
         end = min(pos + CHUNK, len(buf))
         if end < len(buf):
             cut = data.rfind(b"\n", pos, end)
             end = (cut if cut >= 0 else data.find(b"\n", end)) + 1
-        chunk = _parse_chunk(data, buf, pos, end, width, path, lenient, line_base)
+        chunk = _parse_chunk(data, buf[pos:end], pos, width, path, lenient, line_base)
         line_base += chunk["nlines"]
-        out.add(chunk)
+        out.add(buf[pos:end], pos, chunk)
         pos = end
     if out.count == 0:
         raise ParseError(path, None, "no symbol lines found")
@@ -116,54 +116,75 @@ def parse_kallsyms(data: bytes, path: str = "<kallsyms>", lenient: bool = False)
 class _Collector:
     """Accumulates per-chunk results into the final arrays, string table and module list."""
 
-    def __init__(self, data: bytes, buf: np.ndarray):
-        self.data, self.buf = data, buf
+    def __init__(self, data: bytes):
+        self.data = data
         self.parts: dict[str, list[np.ndarray]] = {"addr": [], "letter": [], "module": [],
                                                    "name_off": []}
         self.strtab = bytearray(b"\0")
         self.names: dict[bytes, int] = {}
         self.count = self.skipped = 0
 
-    def add(self, c: dict) -> None:
+    def add(self, view: np.ndarray, pos: int, c: dict) -> None:
+        """Take one chunk's lines; its positions are relative to ``view`` = data[pos:...]."""
         self.skipped += c["skipped"]
         self.count += len(c["addr"])
         self.parts["addr"].append(c["addr"])
         self.parts["letter"].append(c["letter"])
-        self.parts["module"].append(self._module_ids(c["tabpos"], c["ends"], c["hasmod"]))
-        self.parts["name_off"].append(self._names(c["name_start"], c["name_len"]))
+        self.parts["module"].append(self._module_ids(view, pos, c["tabpos"], c["ends"],
+                                                     c["hasmod"]))
+        self.parts["name_off"].append(self._names(view, c["name_start"], c["name_len"]))
 
-    def _module_ids(self, tabpos, ends, has) -> np.ndarray:
-        """Module index per line (0 = kernel), names interned in first-appearance order."""
+    def _module_ids(self, view, pos, tabpos, ends, has) -> np.ndarray:
+        """Module index per line (0 = kernel), names interned in first-appearance order.
+
+        Lines with a module suffix come in runs of one module: runs are found vectorially
+        (a run starts where the name's length or bytes differ from the line before), and
+        only each run's first name is looked up.
+        """
         module = np.zeros(len(tabpos), np.uint32)
         idx = np.flatnonzero(has)
         if len(idx) == 0:
             return module
-        ids = np.empty(len(idx), np.uint32)
-        prev_key, prev_id = None, 0
-        for k, (a, b) in enumerate(zip(tabpos[idx].tolist(), ends[idx].tolist())):
-            key = self.data[a + 2:b - 1]
-            if key != prev_key:
-                prev_id = self.names.setdefault(key, len(self.names) + 1)
-                prev_key = key
-            ids[k] = prev_id
-        module[idx] = ids
+        a = tabpos[idx] + 2            # the name in "\t[name]"
+        n = ends[idx] - 1 - a          # its length (>= 1)
+        new = np.ones(len(idx), bool)
+        if len(idx) > 1:
+            same = np.flatnonzero(n[1:] == n[:-1])  # pair (j, j+1) of equal-length names
+            new[1:] = True
+            if len(same):
+                ln = n[same]
+                off = np.cumsum(ln) - ln
+                at = np.repeat(a[same + 1] - off, ln)
+                at += np.arange(len(at), dtype=at.dtype)  # every byte of name j+1 ...
+                differ = view[at] != view[at - np.repeat(a[same + 1] - a[same], ln)]  # ... vs j
+                new[same + 1] = np.logical_or.reduceat(differ, off)
+        first = np.flatnonzero(new)
+        names, data = self.names, self.data
+        ids = [names.setdefault(data[pos + i:pos + i + k], len(names) + 1)
+               for i, k in zip(a[first].tolist(), n[first].tolist())]
+        module[idx] = np.repeat(np.array(ids, np.uint32), np.diff(first, append=len(idx)))
         return module
 
-    def _names(self, name_start, name_len) -> np.ndarray:
+    def _names(self, view, name_start, name_len) -> np.ndarray:
         """Append the chunk's names (each plus its terminator, made NUL) to the strtab."""
         base = len(self.strtab)
-        if len(name_start) == 0:
+        k = len(name_start)
+        if k == 0:
             return np.zeros(0, np.uint32)
         lo, hi = int(name_start[0]), int(name_start[-1] + name_len[-1]) + 1
-        mark = np.zeros(hi - lo + 1, np.int8)
-        mark[name_start - lo] = 1
-        mark[name_start - lo + name_len + 1] -= 1
-        np.cumsum(mark, out=mark)
-        got = self.buf[lo:hi][mark[:-1].view(bool)]
-        ends = np.cumsum(name_len + 1) - 1
-        got[ends] = 0
+        # keep-mask over view[lo:hi]: alternate runs of skipped bytes and name+terminator
+        runs = np.empty(2 * k, name_len.dtype)
+        runs[0] = 0
+        runs[1::2] = name_len + 1
+        runs[2::2] = name_start[1:] - name_start[:-1] - runs[1:-1:2]
+        keep = np.empty(2 * k, bool)
+        keep[0::2] = False
+        keep[1::2] = True
+        got = view[lo:hi][np.repeat(keep, runs)]
+        stop = np.cumsum(runs[1::2])  # one past each terminator, within the chunk's part
+        got[stop - 1] = 0
         self.strtab += got.data
-        return (base + ends - name_len).astype(np.uint32)
+        return (base + stop - runs[1::2]).astype(np.uint32)
 
     def table(self, width: int) -> SymbolTable:
         cat = {k: np.concatenate(v) for k, v in self.parts.items()}
@@ -186,54 +207,83 @@ def _address_width(data: bytes, path: str) -> int:
     raise ParseError(path, 1, _diagnose(first, 16), first)
 
 
-def _parse_chunk(data, buf, pos, end, width, path, lenient, line_base) -> dict:
-    """Validate and split the whole lines in buf[pos:end]; positions returned are absolute."""
-    view = buf[pos:end]
-    nl = np.flatnonzero(view == 10)
-    starts = np.concatenate(([0], nl[:-1] + 1))
-    ends = nl.copy()
-    ends -= (ends > starts) & (view[np.maximum(ends - 1, 0)] == 13)  # CRLF
-    spaces = np.flatnonzero(view == 32)
-    tabs = np.flatnonzero(view == 9)
-    ctrl = np.flatnonzero((view < 32) & (view != 9) & (view != 10) | (view == 127))
-    si = np.searchsorted(spaces, starts)
-    first_sp = spaces[np.minimum(si, len(spaces) - 1)] if len(spaces) else starts
-    ok = (si < len(spaces)) & (first_sp - starts == width) & (ends - starts >= width + 4)
-    ok &= _count_in(spaces, starts, ends) == 2
-    ok &= _count_in(ctrl, starts, ends) == 0
-    ntab = _count_in(tabs, starts, ends)
-    ok &= ntab <= 1
-    lp = np.where(ok, starts + width, 0)
-    ok &= (view[lp + 1] != 0) & (LETTER_CLASS[view[lp + 1]] != 255) & (view[lp + 2] == 32)
-    name_start = starts + width + 3
-    ti = np.minimum(np.searchsorted(tabs, starts), max(len(tabs) - 1, 0))
-    tabpos = np.where(ntab == 1, tabs[ti] if len(tabs) else ends, ends)
+def _parse_chunk(data, view, pos, width, path, lenient, line_base) -> dict:
+    """Validate and split the whole lines in ``view`` = data[pos:...]; positions returned
+    are relative to ``view``.
+
+    Works on "tokens", the bytes <= 32 (space, TAB, CR, LF and the other controls): a good
+    line ``ADDR TYPE NAME[\\tMODULE][\\r]\\n`` has exactly the tokens space at ADDR's end,
+    space after TYPE, an optional TAB, an optional CR just before the LF, and the LF.
+    """
+    it = np.int32 if len(view) < 1 << 30 else np.int64
+    tok = np.flatnonzero(view <= 32).astype(it)  # positions of the tokens
+    kind = view[tok]
+    nli = np.flatnonzero(kind == 10).astype(it)  # token index of each line's LF
+    nl = tok[nli]
+    nlines = len(nl)
+    starts = np.empty(nlines, it)
+    starts[0] = 0
+    starts[1:] = nl[:-1] + 1
+    first = np.empty(nlines, it)  # token index of each line's first token
+    first[0] = 0
+    first[1:] = nli[:-1] + 1
+    cr = (nl > starts) & (view[nl - 1] == 13)  # CRLF: the CR is not part of the line
+    ends = nl - cr
+    inner = nli - first - cr  # tokens in [start, end)
+    second = np.minimum(first + 1, len(tok) - 1)
+    third = np.minimum(first + 2, len(tok) - 1)
+    sp = starts + width
+    hasmod = inner == 3
+    ok = hasmod | (inner == 2)
+    ok &= (tok[first] == sp) & (kind[first] == 32)
+    ok &= (tok[second] == sp + 2) & (kind[second] == 32)
+    ok &= (ends - starts >= width + 4)
+    tabpos = np.where(hasmod, tok[third], ends)
+    ok &= ~hasmod | (kind[third] == 9)
+    letter = view[np.where(ok, sp + 1, 0)]
+    ok &= (letter != 0) & (np.take(LETTER_CLASS, letter) != 255)
+    name_start = sp + 3
     name_len = tabpos - name_start
     ok &= (name_len >= 1) & (name_len < KSYM_NAME_LEN)
-    hasmod = ok & (ntab == 1)
-    mp = np.where(hasmod, tabpos, 0)
-    closing = view[np.maximum(ends - 1, 0)] == 93  # "]"
-    ok &= ~hasmod | ((ends - tabpos >= 4) & (view[mp + 1] == 91) & closing)
+    hasmod &= ok
+    ok &= ~hasmod | ((ends - tabpos >= 4) & (view[np.where(hasmod, tabpos + 1, 0)] == 91)
+                     & (view[np.where(hasmod, ends - 1, 0)] == 93))  # "[" ... "]"
+    if data.find(b"\x7f", pos, pos + len(view)) >= 0:  # DEL is a control character too
+        ok &= _count_in(np.flatnonzero(view == 127), starts, ends) == 0
     addr, hex_ok = _hex_column(view, np.where(ok, starts, 0), width)
     ok &= hex_ok
-    bad = np.flatnonzero(~ok)
-    if len(bad) and not lenient:
-        i = int(bad[0])
+    keep = np.flatnonzero(ok)
+    if len(keep) < nlines and not lenient:
+        i = int(np.argmin(ok))  # the first bad line
         line = data[pos + starts[i]:pos + ends[i]]
         raise ParseError(path, line_base + i + 1, _diagnose(line, width), line)
-    keep = np.flatnonzero(ok)
-    return {"addr": addr[keep], "letter": view[starts[keep] + width + 1].copy(),
-            "name_start": pos + name_start[keep], "name_len": name_len[keep],
-            "tabpos": pos + tabpos[keep], "ends": pos + ends[keep], "hasmod": hasmod[keep],
-            "skipped": len(bad), "nlines": len(starts)}
+    if len(keep) < nlines:
+        addr, letter, name_start, name_len, tabpos, ends, hasmod = (
+            x[keep] for x in (addr, letter, name_start, name_len, tabpos, ends, hasmod))
+    return {"addr": addr, "letter": letter, "name_start": name_start, "name_len": name_len,
+            "tabpos": tabpos, "ends": ends, "hasmod": hasmod,
+            "skipped": nlines - len(keep), "nlines": nlines}
+
+
+def _hex_pairs() -> np.ndarray:
+    """Two hex digits, read as one native uint16 -> their value, or 0x100 if not hex."""
+    pair = np.arange(1 << 16, dtype=np.uint16).view(np.uint8).reshape(-1, 2)
+    hi, lo = _HEX[pair[:, 0]].astype(np.uint16), _HEX[pair[:, 1]].astype(np.uint16)
+    return np.where((hi != 255) & (lo != 255), hi << 4 | lo, 0x100).astype(np.uint16)
+
+
+_PAIR = _hex_pairs()
 
 
 def _hex_column(buf: np.ndarray, starts: np.ndarray, width: int):
     """Fixed-width hex at each start -> (uint64 values, all-digits-valid mask)."""
-    acc = np.zeros(len(starts), np.uint64)
-    valid = np.ones(len(starts), bool)
-    for j in range(width):
-        nib = _HEX[buf[np.minimum(starts + j, len(buf) - 1)]]
-        valid &= nib != 255
-        acc = (acc << np.uint64(4)) | (nib & 15).astype(np.uint64)
-    return acc, valid
+    n = len(starts)
+    if len(buf) < width:
+        return np.zeros(n, np.uint64), np.zeros(n, bool)
+    # every width-byte window of buf as one item; take the ones at ``starts``
+    win = np.ndarray((len(buf) - width + 1,), f"V{width}", buf, 0, (1,))
+    val = np.take(_PAIR, win[np.minimum(starts, len(win) - 1)].view(np.uint16))
+    bad = (val.view(np.uint64) & np.uint64(0xFF00FF00FF00FF00)).reshape(n, width // 8)
+    valid = bad[:, 0] == 0 if width == 8 else (bad[:, 0] | bad[:, 1]) == 0
+    digits = val.astype(np.uint8).view(f">u{width // 2}")  # byte k = digit pair k
+    return digits.astype(np.uint64), valid

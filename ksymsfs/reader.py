@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO, Union
 
@@ -68,10 +68,40 @@ class Image:
     syms: np.ndarray          # symtab entries without the null entry 0
     strtab: np.ndarray        # uint8 view of the string table
     letters: np.ndarray | None  # uint8 kallsyms letter per symbol, from .ksyms.info
-    modules: list[str]        # module name per symbol index ("" = kernel)
+    modkey: np.ndarray        # per symbol: offset in .ksyms.modules, or st_shndx
+    modname: Callable[[int], str]  # modkey value -> module name ("" = kernel)
 
     def __len__(self) -> int:
         return len(self.syms)
+
+    def module(self, i: int) -> str:
+        return self.modname(int(self.modkey[i]))
+
+    @property
+    def modules(self) -> list[str]:
+        """Module name per symbol index ("" = kernel)."""
+        if not hasattr(self, "_modules"):
+            cache: dict[int, str] = {}
+            self._modules = [cache[k] if k in cache else cache.setdefault(k, self.modname(k))
+                             for k in self.modkey.tolist()]
+        return self._modules
+
+    def first_bytes(self) -> np.ndarray:
+        """First byte of every symbol's name (cached): narrows name searches at once."""
+        if not hasattr(self, "_first"):
+            self._first = self.strtab[self.syms["st_name"]]
+        return self._first
+
+    def by_address(self) -> tuple[np.ndarray, np.ndarray]:
+        """(indices of symbols in address sections sorted by value, global first; values)."""
+        if not hasattr(self, "_by_addr"):
+            s = self.syms
+            shndx = s["st_shndx"]
+            idx = np.flatnonzero((shndx != SHN_UNDEF) & (shndx < SHN_LORESERVE))
+            is_local = (s["st_info"][idx] >> 4) == 0
+            idx = idx[np.lexsort((is_local, s["st_value"][idx]))]
+            self._by_addr = (idx, s["st_value"][idx])
+        return self._by_addr
 
     def name_lengths(self) -> np.ndarray:
         nul = np.flatnonzero(self.strtab == 0)
@@ -139,9 +169,9 @@ def parse_image(image: ImageLike) -> Image:
     if bad.any():
         raise _fail(path, f"symbol {int(np.flatnonzero(bad)[0]) + 1} refers to "
                           f"section {int(shndx[bad][0])} of {shnum}")
-    letters, modules = _ksyms_info(data, path, sh, names, len(syms), order, shndx)
+    letters, modkey, modname = _ksyms_info(data, path, sh, names, len(syms), order, shndx)
     return Image(data, path, cls, order, int(eh["e_machine"]), sh, names, syms, strtab,
-                 letters, modules)
+                 letters, modkey, modname)
 
 
 def _section_bytes(data, path, sh, idx, what) -> np.ndarray:
@@ -167,23 +197,29 @@ def _section_names(data, path, sh, shstrndx) -> list[str]:
 
 
 def _ksyms_info(data, path, sh, names, nsyms, order, shndx):
-    """Per-symbol kallsyms letter and module: from .ksyms.info, else from section names."""
+    """kallsyms letters and a module key per symbol: from .ksyms.info/.ksyms.modules when
+    present, else from section names ("name[module]"). Names are resolved lazily."""
     if INFO_SECTION in names and MODULES_SECTION in names:
         info = _section_bytes(data, path, sh, names.index(INFO_SECTION), INFO_SECTION)
         mods = _section_bytes(data, path, sh, names.index(MODULES_SECTION), MODULES_SECTION)
         if len(info) == 4 * (nsyms + 1) and len(mods) and mods[-1] == 0:
-            words = np.frombuffer(info.tobytes(), ("<" if order == ELFDATA2LSB else ">") + "u4")[1:]
+            e = ("<" if order == ELFDATA2LSB else ">") + "u4"
+            words = np.frombuffer(data, e, nsyms + 1, int(sh[names.index(INFO_SECTION)]
+                                                          ["sh_offset"]))[1:]
             modoff = words >> 8
             if len(words) and int(modoff.max()) >= len(mods):
                 raise _fail(path, f"{INFO_SECTION} refers past end of {MODULES_SECTION}")
             modtab = mods.tobytes()
-            uniq, inv = np.unique(modoff, return_inverse=True)
-            names_u = [modtab[o:modtab.index(b"\0", o)].decode("utf-8", "surrogateescape")
-                       for o in uniq.tolist()]
-            return (words & 0xFF).astype(np.uint8), [names_u[i] for i in inv.tolist()]
+
+            def modname(o: int) -> str:
+                return modtab[o:modtab.index(b"\0", o)].decode("utf-8", "surrogateescape")
+            return (words & 0xFF).astype(np.uint8), modoff, modname
         raise _fail(path, f"{INFO_SECTION} does not match .symtab")
     secmod = [n[n.rindex("[") + 1:-1] if n.endswith("]") and "[" in n else "" for n in names]
-    return None, [secmod[s] if s < len(secmod) else "" for s in shndx.tolist()]
+
+    def secname(k: int) -> str:
+        return secmod[k] if k < len(secmod) else ""
+    return None, shndx, secname
 
 
 def letter_of(img: Image, i: int) -> str:
@@ -236,18 +272,23 @@ class NlistHit:
     module: str
 
 
-def _find_name(img: Image, lengths: np.ndarray, want: bytes) -> np.ndarray:
-    cand = np.flatnonzero(lengths == len(want))
-    if len(cand) == 0 or not want:
-        return cand[:0]
+def _find_name(img: Image, want: bytes) -> np.ndarray:
+    """Indices of symbols named exactly ``want``: first byte, terminator, then byte by byte."""
+    if not want:
+        return np.zeros(0, np.int64)
+    cand = np.flatnonzero(img.first_bytes() == want[0])
     off = img.syms["st_name"][cand].astype(np.int64)
-    w = np.frombuffer(want, np.uint8)
-    ok = np.ones(len(cand), bool)
-    for j in range(len(w)):  # byte-by-byte narrowing: most candidates drop at once
-        ok[ok] = img.strtab[off[ok] + j] == w[j]
-        if not ok.any():
+    end = off + len(want)
+    inside = end < len(img.strtab)
+    cand, off, end = cand[inside], off[inside], end[inside]
+    keep = img.strtab[end] == 0
+    cand, off = cand[keep], off[keep]
+    for j in range(1, len(want)):  # most candidates drop at the first bytes
+        keep = img.strtab[off + j] == want[j]
+        cand, off = cand[keep], off[keep]
+        if len(cand) == 0:
             break
-    return cand[ok]
+    return cand
 
 
 def nlist(image: ImageLike | Image, names: Iterable[str]) -> dict[str, list[NlistHit]]:
@@ -256,15 +297,14 @@ def nlist(image: ImageLike | Image, names: Iterable[str]) -> dict[str, list[Nlis
     An empty list means not found (nlist(3) would leave n_type N_UNDF and n_value 0).
     """
     img = image if isinstance(image, Image) else parse_image(image)
-    lengths = img.name_lengths()
     out: dict[str, list[NlistHit]] = {}
     for n in names:
         b = n.encode("utf-8", "surrogateescape")
-        idx = _find_name(img, lengths, b)
+        idx = _find_name(img, b)
         if b.startswith(b"_"):
-            idx = np.union1d(idx, _find_name(img, lengths, b[1:]))
+            idx = np.union1d(idx, _find_name(img, b[1:]))
         out[n] = [NlistHit(n, img.name(i), int(img.syms["st_value"][i]), nlist_type(img, i),
-                           img.modules[i]) for i in sorted(idx.tolist())]
+                           img.module(i)) for i in sorted(idx.tolist())]
     return out
 
 
@@ -291,11 +331,7 @@ def lookup(image: ImageLike | Image, addrs: Iterable[int]) -> list[Lookup | None
     """
     img = image if isinstance(image, Image) else parse_image(image)
     s = img.syms
-    shndx = s["st_shndx"]
-    idx = np.flatnonzero((shndx != SHN_UNDEF) & (shndx < SHN_LORESERVE))
-    is_local = (s["st_info"][idx] >> 4) == 0
-    idx = idx[np.lexsort((is_local, s["st_value"][idx]))]
-    vals = s["st_value"][idx]
+    idx, vals = img.by_address()
     res: list[Lookup | None] = []
     for a in addrs:
         if not 0 <= a <= 0xFFFFFFFFFFFFFFFF:
@@ -311,7 +347,7 @@ def lookup(image: ImageLike | Image, addrs: Iterable[int]) -> list[Lookup | None
         if off >= max(size, 1):
             res.append(None)
             continue
-        res.append(Lookup(a, img.name(i), off, size, img.modules[i]))
+        res.append(Lookup(a, img.name(i), off, size, img.module(i)))
     return res
 
 

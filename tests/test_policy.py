@@ -83,8 +83,14 @@ def test_images_for_different_policies_are_never_shared(tmp_path):
     fake_proc(proc, 11, 11, 0, 1 << 34)
     fake_proc(proc, 21, 21, 65534, 0)
     dev = Device(Sources(str(ks), None), procfs=str(proc))
-    a, b = dev.open(11, os.O_RDONLY), dev.open(21, os.O_RDONLY)
-    real, hidden = parse_image(dev.read(a, 1 << 24, 0)), parse_image(dev.read(b, 1 << 24, 0))
+    a = dev.open(11, os.O_RDONLY)
+    with pytest.raises(DeviceError) as e:  # the page cache would be shared: refuse
+        dev.open(21, os.O_RDONLY)
+    assert e.value.errno == errno.EBUSY
+    real = parse_image(dev.read(a, 1 << 24, 0))
+    dev.release(a)
+    b = dev.open(21, os.O_RDONLY)
+    hidden = parse_image(dev.read(b, 1 << 24, 0))
     assert real.syms["st_value"].any() and not hidden.syms["st_value"].any()
     assert hidden.names() == real.names()
     assert dev.size_for(21) == len(dev.read(b, 1 << 24, 0))
@@ -204,3 +210,51 @@ def test_unprivileged_snapshot_says_addresses_are_hidden(public_dir):
     text = err.read_text()
     assert "zero" in text and "root" in text
     assert not parse_image(out.read_bytes()).syms["st_value"].any()
+
+
+def _nobody_mmap(path: str, q):
+    """As nobody: open and mmap the device; report errno or whether addresses were seen."""
+    import mmap
+    nobody = pwd.getpwnam("nobody")
+    try:
+        os.setgroups([])
+        os.setgid(nobody.pw_gid)
+        os.setuid(nobody.pw_uid)
+        fd = os.open(path, os.O_RDONLY)
+        m = mmap.mmap(fd, 0, mmap.MAP_PRIVATE, mmap.PROT_READ)
+        data = bytes(m)
+        q.put(("ok", bool(parse_image(data).syms["st_value"].any())))
+    except OSError as e:
+        q.put(("err", e.errno))
+    except Exception as e:  # noqa: BLE001
+        q.put(("bad", repr(e)))
+
+
+@pytest.mark.fuse
+def test_mmap_never_leaks_addresses_across_policies(public_dir):
+    """A privileged mapping fills the file's page cache; an unprivileged opener must not
+    get those pages: it is refused (EBUSY) while the privileged open lasts, and after it
+    closes its own mmap sees only zeros (open without keep_cache drops cached pages)."""
+    import mmap
+    import multiprocessing as mp
+    require_fuse()
+    m = Mount(public_dir / "ksyms", "--allow-other")
+    ctx = mp.get_context("fork")
+    try:
+        fd = os.open(m.path, os.O_RDONLY)
+        mm = mmap.mmap(fd, 0, mmap.MAP_PRIVATE, mmap.PROT_READ)
+        assert parse_image(bytes(mm)).syms["st_value"].any()
+        q = ctx.Queue()
+        p = ctx.Process(target=_nobody_mmap, args=(str(m.path), q))
+        p.start()
+        assert q.get(timeout=30) == ("err", errno.EBUSY)
+        p.join(10)
+        _ = bytes(mm)  # the privileged pages stay cached after close
+        mm.close()
+        os.close(fd)
+        p = ctx.Process(target=_nobody_mmap, args=(str(m.path), q))
+        p.start()
+        assert q.get(timeout=30) == ("ok", False)
+        p.join(10)
+    finally:
+        m.stop()
