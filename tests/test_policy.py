@@ -258,3 +258,36 @@ def test_mmap_never_leaks_addresses_across_policies(public_dir):
         p.join(10)
     finally:
         m.stop()
+
+
+def test_unprivileged_mount_says_addresses_are_hidden(public_dir):
+    """`ksymsfs mount` by a user who only sees zeros says so before anything else."""
+    if int(Path("/proc/sys/kernel/perf_event_paranoid").read_text()) <= 1 and \
+            int(Path("/proc/sys/kernel/kptr_restrict").read_text()) == 0:
+        pytest.skip("this kernel shows every user addresses")
+    import ksymsfs.fusefs  # noqa: F401  (loaded before dropping privileges)
+    os.chmod(public_dir, 0o777)
+    err = public_dir / "stderr"
+    nobody = pwd.getpwnam("nobody")
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            fd = os.open(err, os.O_WRONLY | os.O_CREAT, 0o666)
+            os.dup2(fd, 2)
+            sys.stderr = os.fdopen(fd, "w")
+            code = cli(["mount", str(public_dir / "ksyms")])
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    text = err.read_text()
+    assert "every address" in text and "zero" in text and "Run as root" in text, text
+    # nobody cannot open /dev/fuse here, so the mount itself fails: clearly, exit 1
+    if os.waitstatus_to_exitcode(status) != 0:
+        assert os.waitstatus_to_exitcode(status) == 1 and "daemon exited" in text
+    else:
+        cli(["umount", str(public_dir / "ksyms")])
