@@ -183,14 +183,15 @@ def test_allow_other_with_fixture_sysctls(public_dir):
         m.stop()
 
 
-def test_unprivileged_snapshot_says_addresses_are_hidden(public_dir):
-    """`ksymsfs snapshot` run by a user the kernel hides addresses from warns about it."""
-    if int(Path("/proc/sys/kernel/perf_event_paranoid").read_text()) <= 1 and \
-            int(Path("/proc/sys/kernel/kptr_restrict").read_text()) == 0:
-        pytest.skip("this kernel shows every user addresses")
-    os.chmod(public_dir, 0o777)
-    out = public_dir / "img.elf"
-    err = public_dir / "stderr"
+def _kernel_hides_addresses_from_nobody() -> bool:
+    return int(Path("/proc/sys/kernel/perf_event_paranoid").read_text()) > 1 or \
+        int(Path("/proc/sys/kernel/kptr_restrict").read_text()) > 0
+
+
+def _cli_as_nobody(args: list[str], workdir: Path) -> tuple[int, str]:
+    """Run ``cli(args)`` in a forked child as nobody; -> (exit status, its stderr)."""
+    os.chmod(workdir, 0o777)
+    err = workdir / "stderr"
     nobody = pwd.getpwnam("nobody")
     pid = os.fork()
     if pid == 0:
@@ -202,12 +203,21 @@ def test_unprivileged_snapshot_says_addresses_are_hidden(public_dir):
             fd = os.open(err, os.O_WRONLY | os.O_CREAT, 0o666)
             os.dup2(fd, 2)
             sys.stderr = os.fdopen(fd, "w")
-            code = cli(["snapshot", "-o", str(out)])
+            code = cli(args)
         finally:
+            sys.stderr.flush()
             os._exit(code)
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, err.read_text()
-    text = err.read_text()
+    return os.waitstatus_to_exitcode(status), err.read_text()
+
+
+def test_unprivileged_snapshot_says_addresses_are_hidden(public_dir):
+    """`ksymsfs snapshot` run by a user the kernel hides addresses from warns about it."""
+    if not _kernel_hides_addresses_from_nobody():
+        pytest.skip("this kernel shows every user addresses")
+    out = public_dir / "img.elf"
+    code, text = _cli_as_nobody(["snapshot", "-o", str(out)], public_dir)
+    assert code == 0, text
     assert "zero" in text and "root" in text
     assert not parse_image(out.read_bytes()).syms["st_value"].any()
 
@@ -262,32 +272,13 @@ def test_mmap_never_leaks_addresses_across_policies(public_dir):
 
 def test_unprivileged_mount_says_addresses_are_hidden(public_dir):
     """`ksymsfs mount` by a user who only sees zeros says so before anything else."""
-    if int(Path("/proc/sys/kernel/perf_event_paranoid").read_text()) <= 1 and \
-            int(Path("/proc/sys/kernel/kptr_restrict").read_text()) == 0:
+    if not _kernel_hides_addresses_from_nobody():
         pytest.skip("this kernel shows every user addresses")
     import ksymsfs.fusefs  # noqa: F401  (loaded before dropping privileges)
-    os.chmod(public_dir, 0o777)
-    err = public_dir / "stderr"
-    nobody = pwd.getpwnam("nobody")
-    pid = os.fork()
-    if pid == 0:
-        code = 99
-        try:
-            os.setgroups([])
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-            fd = os.open(err, os.O_WRONLY | os.O_CREAT, 0o666)
-            os.dup2(fd, 2)
-            sys.stderr = os.fdopen(fd, "w")
-            code = cli(["mount", str(public_dir / "ksyms")])
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    text = err.read_text()
+    code, text = _cli_as_nobody(["mount", str(public_dir / "ksyms")], public_dir)
     assert "every address" in text and "zero" in text and "Run as root" in text, text
     # nobody cannot open /dev/fuse here, so the mount itself fails: clearly, exit 1
-    if os.waitstatus_to_exitcode(status) != 0:
-        assert os.waitstatus_to_exitcode(status) == 1 and "daemon exited" in text
+    if code != 0:
+        assert code == 1 and "daemon exited" in text
     else:
         cli(["umount", str(public_dir / "ksyms")])
