@@ -85,20 +85,51 @@ def infer_sizes(addr: np.ndarray, group: np.ndarray) -> np.ndarray:
 
     ``addr``/``group`` must be sorted by (group, addr).
     """
+    return _run_sizes(np.asarray(addr), np.asarray(group), SIZE_CAP).astype(np.uint64)
+
+
+def _run_sizes(addr: np.ndarray, group: np.ndarray, cap: int) -> np.ndarray:
+    """infer_sizes capped at ``cap`` (< 2**32), as uint32."""
     n = len(addr)
-    size = np.zeros(n, np.uint64)
     if n < 2:
-        return size
-    new = np.ones(n, bool)
-    new[1:] = (addr[1:] != addr[:-1]) | (group[1:] != group[:-1])
-    run = np.cumsum(new, dtype=np.int32) - 1
-    first = np.flatnonzero(new)
-    nxt = np.append(first[1:], n)  # index of the next run's first element, per run
-    has_next = nxt < n
-    nxt_c = np.minimum(nxt, n - 1)
-    run_size = np.where(has_next & (group[nxt_c] == group[first]),
-                        addr[nxt_c] - addr[first], 0).astype(np.uint64)
-    return np.minimum(run_size[run], np.uint64(SIZE_CAP))
+        return np.zeros(n, np.uint32)
+    same = group[1:] == group[:-1]
+    gap = np.zeros(n, np.uint64)  # to the next symbol, if in the same group
+    np.subtract(addr[1:], addr[:-1], out=gap[:-1], where=same)
+    # a symbol sharing its address with the next one (same group) takes that one's size;
+    # such aliases are few: resolve each chain of them to the symbol that ends it
+    same &= gap[:-1] == 0
+    dup = np.flatnonzero(same)
+    del same
+    if len(dup):
+        last = np.append(np.flatnonzero(np.diff(dup) != 1), len(dup) - 1)
+        gap[dup] = gap[np.repeat(dup[last] + 1, np.diff(last, prepend=-1))]
+    np.minimum(gap, np.uint64(cap), out=gap)
+    return gap.astype(np.uint32)
+
+
+def _stable_order(rank: np.ndarray, is_global: np.ndarray) -> np.ndarray:
+    """np.lexsort((rank, is_global)) in linear time: each kind of symbol (local, global),
+    in kallsyms order, is a few long runs of one rank (kallsyms groups a module's
+    symbols); a stable sort of the runs by rank, expanded back to symbols, is the order.
+    """
+    parts = []
+    for glob in (False, True):
+        idx = np.flatnonzero(is_global == glob)
+        if len(idx) == 0:
+            continue
+        if len(idx) < 1 << 31:
+            idx = idx.astype(np.int32)
+        rk = rank[idx]
+        starts = np.concatenate(([0], np.flatnonzero(rk[1:] != rk[:-1]) + 1))  # rank runs
+        lens = np.diff(starts, append=len(idx))
+        ro = np.argsort(rk[starts], kind="stable")
+        del rk
+        starts, lens = starts[ro].astype(idx.dtype), lens[ro]
+        pos = np.repeat(starts - (np.cumsum(lens, dtype=idx.dtype) - lens), lens)
+        pos += np.arange(len(pos), dtype=pos.dtype)
+        parts.append(idx[pos])
+    return np.concatenate(parts) if parts else np.zeros(0, np.intp)
 
 
 def build_image(table: SymbolTable, target: Target, load_order: list[str] | None = None,
@@ -107,16 +138,16 @@ def build_image(table: SymbolTable, target: Target, load_order: list[str] | None
     """SymbolTable -> ELF image (a bytearray). Same inputs give byte-identical output.
 
     The symbol table is written straight into the output buffer: peak memory is the
-    table plus one image plus per-symbol index arrays.
+    table plus one image plus per-symbol index arrays (kept to small dtypes).
     """
     n = len(table)
     addr = np.zeros(n, np.uint64) if hide_addresses else table.addr
     if int(addr.max(initial=0)) > target.word_max:
         raise ImageError("addresses do not fit in a 32-bit ELF class; use --class 64")
-    cls = lt.LETTER_CLASS[table.letter]
-    info = lt.LETTER_INFO[table.letter]
-    rank = module_ranks(table, load_order)[table.module]
-    is_global = (info >> 4) != STB_LOCAL
+    cls = np.take(lt.LETTER_CLASS, table.letter)
+    info = np.take(lt.LETTER_INFO, table.letter)
+    ranks = module_ranks(table, load_order)
+    rank = np.take(ranks.astype(np.uint16) if len(ranks) <= 1 << 16 else ranks, table.module)
     sym_t = sym_dtype(target.elfclass, target.data)
     modstr, modoff = _module_strtab(table.modules)
     lay = _Layout(target, n, sym_t, len(table.strtab), len(modstr))
@@ -124,27 +155,33 @@ def build_image(table: SymbolTable, target: Target, load_order: list[str] | None
     # bound of its final size (headers and .shstrtab only add to it)
     sections, shndx, size = _sections(table, addr, cls, rank, lay.modsoff + len(modstr),
                                       section_bases)
+    del cls
     if len(sections) + 6 >= SHN_LORESERVE:
         raise ImageError(f"{len(sections)} address sections: more than ELF section "
                          "numbering allows without SHN_XINDEX")
     shstr, name_offs = _shstrtab([x.name for x in sections])
+    is_global = (info >> 4) != STB_LOCAL
+    first_global = 1 + n - int(np.count_nonzero(is_global))
+    order = _stable_order(rank, is_global)  # stable: locals first, then kernel→modules
+    del rank, is_global
     out = lay.allocate(len(sections), len(shstr))
-    order = np.lexsort((rank, is_global))  # stable: locals first, then kernel→modules
-    del rank
     sym = np.frombuffer(out, sym_t, n + 1, lay.symoff)[1:]
     sym["st_name"] = table.name_off[order]
     sym["st_value"] = addr[order]
     sym["st_size"] = size[order]
+    del size
     sym["st_info"] = info[order]
+    del info
     sym["st_shndx"] = shndx[order]
-    del sym, size, shndx
+    del sym, shndx
     words = np.frombuffer(out, ("<" if target.data == 1 else ">") + "u4", n + 1, lay.infooff)
-    words[1:] = table.letter[order].astype(np.uint32) | (modoff[table.module[order]] << 8)
-    del words
+    word = np.take(modoff << np.uint32(8), table.module)
+    word |= table.letter
+    words[1:] = word[order]
+    del words, word, order
     out[lay.stroff:lay.stroff + len(table.strtab)] = table.strtab
     out[lay.modsoff:lay.modsoff + len(modstr)] = modstr
     out[lay.shstroff:lay.shstroff + len(shstr)] = shstr
-    first_global = 1 + int(np.count_nonzero(~is_global))
     lay.write_headers(out, sections, name_offs, first_global)
     return out
 
@@ -220,49 +257,73 @@ def _module_strtab(modules: list[str]) -> tuple[bytes, np.ndarray]:
     return bytes(out), np.array(offs, np.uint32)
 
 
+def _sort_sectioned(cls, addr, rank) -> np.ndarray:
+    """Stable order by (rank, addr, cls); one packed-key sort when the keys fit 64 bits.
+
+    ``addr`` must be a temporary: it becomes the key.
+    """
+    if len(addr) > 1 and addr.dtype == np.uint64:
+        lo = addr.min()
+        span_bits = int(addr.max() - lo).bit_length()
+        rank_bits = int(rank.max()).bit_length()
+        if rank_bits + span_bits + 4 <= 64 and int(cls.max()) < 16:
+            key = np.subtract(addr, lo, out=addr)
+            key <<= np.uint64(4)
+            key |= cls
+            if rank_bits:
+                hi = rank.astype(np.uint64)
+                hi <<= np.uint64(span_bits + 4)
+                key |= hi
+                del hi
+            return np.argsort(key, kind="stable")
+    return np.lexsort((cls, addr, rank))
+
+
 def _sections(table, addr, cls, rank, limit, section_bases):
     """Group sectioned symbols into address sections; returns (sections, st_shndx, st_size)."""
     n = len(table)
     shndx = np.zeros(n, np.uint16)
     shndx[cls == lt.ABS] = SHN_ABS
     shndx[cls == lt.UNDEF] = SHN_UNDEF
-    size = np.zeros(n, np.uint64)
-    idx = np.flatnonzero((cls != lt.ABS) & (cls != lt.UNDEF))
-    if len(idx) == 0:
+    size = np.zeros(n, np.uint32)  # sizes are capped at SIZE_CAP
+    o = np.flatnonzero((cls != lt.ABS) & (cls != lt.UNDEF))
+    if len(o) == 0:
         return [], shndx, size
-    o = idx[np.lexsort((cls[idx], addr[idx], rank[idx]))]
-    del idx
-    a, c, r = addr[o], cls[o], rank[o]
-    sz = infer_sizes(a, r)
+    if n < 1 << 31:
+        o = o.astype(np.int32)
+    o = o[_sort_sectioned(cls[o], addr[o], rank[o])]
+    a, r = addr[o], rank[o]
     half = max(limit // 2, 1)
-    np.minimum(sz, np.uint64(half), out=sz)
+    sz = _run_sizes(a, r, min(SIZE_CAP, half))
     # a run: same module, same class, contiguous in address order
-    new = np.ones(len(o), bool)
-    new[1:] = (r[1:] != r[:-1]) | (c[1:] != c[:-1])
+    c = cls[o]
+    new = np.empty(len(o), bool)
+    new[0] = True
+    np.not_equal(r[1:], r[:-1], out=new[1:])
     del r
+    new[1:] |= c[1:] != c[:-1]
     if section_bases:
         new |= _real_section_cuts(table, o, a, section_bases)
     starts = np.flatnonzero(new)
-    lengths = np.diff(np.append(starts, len(o)))
-    chunk = a - np.repeat(a[starts], lengths)
-    del starts, lengths
+    chunk = np.repeat(a[starts], np.diff(starts, append=len(o)))
+    del starts
+    np.subtract(a, chunk, out=chunk)
     chunk //= np.uint64(half)  # keeps each section <= limit bytes long
     new[1:] |= chunk[1:] != chunk[:-1]
     del chunk
     firsts = np.flatnonzero(new)
-    sec = np.cumsum(new, dtype=np.int32)  # 1-based section index per symbol
+    shndx[o] = np.cumsum(new, dtype=np.int32)  # 1-based section index per symbol
     del new
-    sec_end = np.maximum.reduceat(a + sz, firsts)
+    sec_end = np.maximum.reduceat(a + sz, firsts).tolist()
+    size[o] = sz
+    del sz
     sections = []
     mods = table.modules
-    for k, f in enumerate(firsts.tolist()):
-        base, sh_type, flags = lt.SECTION_KINDS[int(c[f])]
-        mod = mods[int(table.module[o[f]])]
-        name = _section_name(base, mod, int(a[f]), section_bases)
-        start = int(a[f])
-        sections.append(Section(name, sh_type, flags, start, int(sec_end[k]) - start))
-    shndx[o] = sec
-    size[o] = sz
+    for f_cls, f_mod, start, end in zip(c[firsts].tolist(), table.module[o[firsts]].tolist(),
+                                        a[firsts].tolist(), sec_end):
+        base, sh_type, flags = lt.SECTION_KINDS[f_cls]
+        name = _section_name(base, mods[f_mod], start, section_bases)
+        sections.append(Section(name, sh_type, flags, start, end - start))
     return sections, shndx, size
 
 

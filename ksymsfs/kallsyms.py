@@ -97,7 +97,7 @@ def parse_kallsyms(data: bytes, path: str = "<kallsyms>", lenient: bool = False)
         data = data + b"\n"
     buf = np.frombuffer(data, np.uint8)
     width = _address_width(data, path)
-    out = _Collector(data)
+    out = _Collector(data, width)
     pos, line_base = 0, 0
     while pos < len(buf):
         end = min(pos + CHUNK, len(buf))
@@ -114,12 +114,18 @@ def parse_kallsyms(data: bytes, path: str = "<kallsyms>", lenient: bool = False)
 
 
 class _Collector:
-    """Accumulates per-chunk results into the final arrays, string table and module list."""
+    """Accumulates per-chunk results into the final arrays, string table and module list.
 
-    def __init__(self, data: bytes):
+    The arrays are allocated once with room for the most lines ``data`` can hold (a line
+    is at least ``width + 5`` bytes); pages never written cost no memory, and the arrays
+    are shrunk in place at the end: no per-chunk parts, no concatenation copy.
+    """
+
+    def __init__(self, data: bytes, width: int):
         self.data = data
-        self.parts: dict[str, list[np.ndarray]] = {"addr": [], "letter": [], "module": [],
-                                                   "name_off": []}
+        cap = len(data) // (width + 5) + 1
+        self.arrays = {"addr": np.empty(cap, np.uint64), "letter": np.empty(cap, np.uint8),
+                       "module": np.empty(cap, np.uint32), "name_off": np.empty(cap, np.uint32)}
         self.strtab = bytearray(b"\0")
         self.names: dict[bytes, int] = {}
         self.count = self.skipped = 0
@@ -127,30 +133,30 @@ class _Collector:
     def add(self, view: np.ndarray, pos: int, c: dict) -> None:
         """Take one chunk's lines; its positions are relative to ``view`` = data[pos:...]."""
         self.skipped += c["skipped"]
-        self.count += len(c["addr"])
-        self.parts["addr"].append(c["addr"])
-        self.parts["letter"].append(c["letter"])
-        self.parts["module"].append(self._module_ids(view, pos, c["tabpos"], c["ends"],
-                                                     c["hasmod"]))
-        self.parts["name_off"].append(self._names(view, c["name_start"], c["name_len"]))
+        lo = self.count
+        self.count = hi = lo + len(c["addr"])
+        out = self.arrays
+        out["addr"][lo:hi] = c["addr"]
+        out["letter"][lo:hi] = c["letter"]
+        self._module_ids(out["module"][lo:hi], view, pos, c["tabpos"], c["ends"], c["hasmod"])
+        out["name_off"][lo:hi] = self._names(view, c["name_start"], c["name_len"])
 
-    def _module_ids(self, view, pos, tabpos, ends, has) -> np.ndarray:
+    def _module_ids(self, module, view, pos, tabpos, ends, has) -> None:
         """Module index per line (0 = kernel), names interned in first-appearance order.
 
         Lines with a module suffix come in runs of one module: runs are found vectorially
         (a run starts where the name's length or bytes differ from the line before), and
-        only each run's first name is looked up.
+        only each run's first name is looked up. Written into ``module``.
         """
-        module = np.zeros(len(tabpos), np.uint32)
+        module[:] = 0
         idx = np.flatnonzero(has)
         if len(idx) == 0:
-            return module
+            return
         a = tabpos[idx] + 2            # the name in "\t[name]"
         n = ends[idx] - 1 - a          # its length (>= 1)
         new = np.ones(len(idx), bool)
         if len(idx) > 1:
             same = np.flatnonzero(n[1:] == n[:-1])  # pair (j, j+1) of equal-length names
-            new[1:] = True
             if len(same):
                 ln = n[same]
                 off = np.cumsum(ln) - ln
@@ -163,7 +169,6 @@ class _Collector:
         ids = [names.setdefault(data[pos + i:pos + i + k], len(names) + 1)
                for i, k in zip(a[first].tolist(), n[first].tolist())]
         module[idx] = np.repeat(np.array(ids, np.uint32), np.diff(first, append=len(idx)))
-        return module
 
     def _names(self, view, name_start, name_len) -> np.ndarray:
         """Append the chunk's names (each plus its terminator, made NUL) to the strtab."""
@@ -187,10 +192,12 @@ class _Collector:
         return (base + stop - runs[1::2]).astype(np.uint32)
 
     def table(self, width: int) -> SymbolTable:
-        cat = {k: np.concatenate(v) for k, v in self.parts.items()}
+        out = self.arrays
+        for arr in out.values():
+            arr.resize(self.count, refcheck=False)  # in place: frees the unused tail
         modules = [""] + [k.decode("utf-8", "surrogateescape") for k in self.names]
-        return SymbolTable(addr=cat["addr"], letter=cat["letter"], module=cat["module"],
-                           name_off=cat["name_off"], strtab=self.strtab, modules=modules,
+        return SymbolTable(addr=out["addr"], letter=out["letter"], module=out["module"],
+                           name_off=out["name_off"], strtab=self.strtab, modules=modules,
                            address_bits=width * 4, skipped=self.skipped)
 
 
