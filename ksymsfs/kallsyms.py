@@ -96,7 +96,7 @@ def parse_kallsyms(data: bytes, path: str = "<kallsyms>", lenient: bool = False)
                              data[data.rfind(b"\n") + 1:])
         data = data + b"\n"
     buf = np.frombuffer(data, np.uint8)
-    width = _address_width(data, path)
+    width = _address_width(data, path, lenient)
     out = _Collector(data, width)
     pos, line_base = 0, 0
     while pos < len(buf):
@@ -201,14 +201,19 @@ class _Collector:
                            address_bits=width * 4, skipped=self.skipped)
 
 
-def _address_width(data: bytes, path: str) -> int:
-    """8 or 16: the address width of the first line that looks like a symbol line."""
+def _address_width(data: bytes, path: str, lenient: bool = False) -> int:
+    """8 or 16: the address width of the first symbol line (strict: of the first line
+    that starts with an address; lenient: of the first line that is a whole symbol line,
+    so a junk line that merely starts with hex digits does not decide)."""
     pos = 0
     while pos < len(data):
         end = data.find(b"\n", pos)
         sp = data.find(b" ", pos, end)
         if sp - pos in (8, 16) and all(_HEX[b] != 255 for b in data[pos:sp]):
-            return sp - pos
+            line = data[pos:end + 1]
+            if not lenient or len(_parse_chunk(line, np.frombuffer(line, np.uint8), 0,
+                                               sp - pos, path, True, 0)["addr"]):
+                return sp - pos
         pos = end + 1
     first = data[:data.find(b"\n")].rstrip(b"\r")
     raise ParseError(path, 1, _diagnose(first, 16), first)
