@@ -26,9 +26,10 @@ test-fast: ## tests without the slow soak/churn ones, no install step
 lint: ## ruff
 	$(PYTHON) -m ruff check ksymsfs tests scripts
 
-bench: ## benchmark table (ratios to same-run baselines); JSON + plot in bench-results/
-	mkdir -p bench-results
-	$(PYTHON) scripts/bench.py --json bench-results/bench.json --plot bench-results/scaling.png
+bench: ## benchmark table (ratios to same-run baselines); JSON in bench-results/, plot in docs/
+	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[bench]'
+	mkdir -p bench-results docs
+	$(PYTHON) scripts/bench.py --json bench-results/bench.json --plot docs/scaling.png
 
 install-mount-helper: ## let `mount -t fuse.ksymsfs` and /etc/fstab find us (/usr/sbin/mount.fuse.ksymsfs)
 	printf '#!/bin/sh\nexec %s -m ksymsfs "$$@"\n' "$$(command -v $(PYTHON))" > /usr/sbin/mount.fuse.ksymsfs
