@@ -32,7 +32,7 @@ bench: ## benchmark table (ratios to same-run baselines); JSON in bench-results/
 	$(PYTHON) scripts/bench.py --json bench-results/bench.json --plot docs/scaling.png
 
 install-mount-helper: ## let `mount -t fuse.ksymsfs` and /etc/fstab find us (/usr/sbin/mount.fuse.ksymsfs)
-	printf '#!/bin/sh\nexec %s -m ksymsfs "$$@"\n' "$$(command -v $(PYTHON))" > /usr/sbin/mount.fuse.ksymsfs
+	printf '#!/bin/sh\nexec %s -m ksymsfs "$$@"\n' "$$($(PYTHON) -c 'import sys; print(sys.executable)')" > /usr/sbin/mount.fuse.ksymsfs
 	chmod 755 /usr/sbin/mount.fuse.ksymsfs
 
 clean: ## remove build output

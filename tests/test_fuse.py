@@ -413,3 +413,27 @@ def test_libbsd_nlist_same_on_mount_and_saved_image(live_mount, tmp_path, nlist_
         _, n_type, n_value = line.split()
         (hit,) = nlist(img, [name])[name][:1]
         assert int(n_type, 16) == hit.n_type and int(n_value, 16) == hit.n_value
+
+
+def test_fstab_line_mounts_through_mount8(tmp_path):
+    """`ksymsfs /dev/ksyms fuse.ksymsfs ro 0 0` in an fstab, mounted by mount(8)."""
+    helper = Path("/usr/sbin/mount.fuse.ksymsfs")
+    if not helper.exists():
+        if os.environ.get("CI"):
+            pytest.fail("make install-mount-helper did not run")
+        pytest.skip("mount helper not installed (make install-mount-helper)")
+    ks, mods = write_sources(tmp_path / "src", ["alpha"])
+    mp_ = tmp_path / "ksyms"
+    mp_.touch()
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"ksymsfs {mp_} fuse.ksymsfs ro,kallsyms={ks},modules={mods} 0 0\n")
+    r = subprocess.run(["mount", "--fstab", str(fstab), str(mp_)], capture_output=True,
+                       text=True, timeout=60)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert mount_state(str(mp_)) == "mounted"
+        assert "alpha_fn3" in subprocess.run(["nm", str(mp_)], capture_output=True,
+                                             text=True).stdout
+    finally:
+        subprocess.run(["umount", str(mp_)])
+    assert mount_state(str(mp_)) == "none"
