@@ -87,6 +87,19 @@ def test_kallsyms_module_missing_from_list_is_unclean(tmp_path):
     assert snap.warnings and "beta" in snap.warnings[0]
 
 
+def test_listed_live_module_without_symbols_is_unclean(tmp_path):
+    ks, mods = write_sources(tmp_path, ["alpha"])
+    mods.write_text(mods.read_text() + "ghost 16384 0 - Live 0xffffffffc0800000\n"
+                    "leaving 16384 0 - Unloading 0xffffffffc0900000\n")
+    with pytest.raises(SnapshotError, match="ghost"):
+        take_snapshot(Sources(str(ks), str(mods), modules_optional=False))
+    snap = take_snapshot(Sources(str(ks), str(mods), modules_optional=False,
+                                 strict_modules=False))
+    assert len(snap.warnings) == 1 and "ghost" in snap.warnings[0]  # not "leaving"
+    img = parse_image(build_image(snap.table, make_target(), snap.load_order))
+    assert set(img.modules) == {"", "alpha"}
+
+
 def _reader_loop(path: str, q, seconds: float):
     """Open/read/close in a loop; report (cycles, errors by errno name)."""
     end = time.monotonic() + seconds
