@@ -220,7 +220,8 @@ class _Layout:
         self.filesize = self.shoff + self.shnum * self.shdr_t.itemsize
         return bytearray(self.filesize)
 
-    def write_headers(self, out: bytearray, sections: list[Section], name_offs, first_global):
+    def write_headers(self, out: bytearray, sections: list[Section], name_offs: dict[str, int],
+                      first_global: int) -> None:
         t = self.target
         sh = np.frombuffer(out, self.shdr_t, self.shnum, self.shoff)
         word = 4 if t.elfclass == ELFCLASS32 else 8

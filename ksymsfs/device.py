@@ -13,6 +13,7 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import KIOCGADDR, KIOCGSIZE
@@ -50,7 +51,7 @@ class Coalescer:
     when it arrives is not good enough (it may predate a module load the caller made).
     """
 
-    def __init__(self, read):
+    def __init__(self, read: Callable[[], Snapshot]):
         self._read = read
         self._cond = threading.Condition()
         self._started = 0      # generation of the newest read begun
@@ -58,7 +59,7 @@ class Coalescer:
         self._building = False
         self._result: object = None
 
-    def get(self):
+    def get(self) -> Snapshot:
         with self._cond:
             need = self._started + 1
             while True:

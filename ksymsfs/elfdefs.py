@@ -54,7 +54,7 @@ SHN_ABS = ENUM_ST_SHNDX["SHN_ABS"]
 SHN_LORESERVE = 0xFF00
 
 
-def ELF_ST_INFO(bind, typ):  # noqa: N802  (elf.h spelling)
+def ELF_ST_INFO(bind: int, typ: int) -> int:  # noqa: N802  (elf.h spelling)
     return (bind << 4) | typ
 
 

@@ -8,7 +8,7 @@ import logging
 import stat
 import time
 
-from fuse import FUSE, FuseOSError, Operations, fuse_get_context
+from fuse import FUSE, FuseOSError, Operations, fuse_file_info, fuse_get_context
 
 from .device import Device
 from .errors import KsymsError
@@ -36,7 +36,7 @@ class KsymsOperations(Operations):
         self.uid, self.gid = uid, gid
         self.mounted_at = time.time()
 
-    def __call__(self, op, *args):
+    def __call__(self, op: str, *args: object) -> object:
         try:
             return super().__call__(op, *args)
         except FuseOSError:
@@ -47,7 +47,7 @@ class KsymsOperations(Operations):
                 "%s failed: %s (errno %s)", op, e, errno.errorcode.get(err, err))
             raise FuseOSError(err) from None
 
-    def getattr(self, path, fh=None):
+    def getattr(self, path: str, fh: object = None) -> dict:
         if path != "/":
             raise FuseOSError(errno.ENOENT)
         _uid, _gid, pid = fuse_get_context()
@@ -56,48 +56,49 @@ class KsymsOperations(Operations):
                 "st_gid": self.gid, "st_size": self.device.size_for(pid),
                 "st_atime": t, "st_mtime": t, "st_ctime": t, "st_blksize": 4096}
 
-    def open(self, path, fi):
+    def open(self, path: str, fi: fuse_file_info) -> int:
         _uid, _gid, pid = fuse_get_context()
         fi.fh = self.device.open(pid, fi.flags)
         fi.direct_io = True   # every read reaches us with this open's handle
         fi.keep_cache = False
         return 0
 
-    def read(self, path, size, offset, fi):
+    def read(self, path: str, size: int, offset: int, fi: fuse_file_info) -> bytes:
         return self.device.read(fi.fh, size, offset)
 
-    def flush(self, path, fi):
+    def flush(self, path: str, fi: fuse_file_info) -> int:
         _uid, _gid, pid = fuse_get_context()
         self.device.flush(fi.fh, pid)
         return 0
 
-    def release(self, path, fi):
+    def release(self, path: str, fi: fuse_file_info) -> int:
         self.device.release(fi.fh)
         return 0
 
-    def ioctl(self, path, cmd, arg, fi, flags, data):
+    def ioctl(self, path: str, cmd: int, arg: object, fi: fuse_file_info, flags: int,
+              data: int) -> int:
         out = self.device.ioctl(fi.fh, cmd)
         if not data:
             raise FuseOSError(errno.EFAULT)
         ctypes.memmove(data, out, len(out))
         return 0
 
-    def statfs(self, path):
+    def statfs(self, path: str) -> dict:
         return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
 
-    def access(self, path, amode):
+    def access(self, path: str, amode: int) -> int:
         if amode & 2:  # W_OK
             raise FuseOSError(errno.EROFS)
         return 0
 
     # Everything that would change anything: read-only file system.
-    def _rofs(self, *args):
+    def _rofs(self, *args: object) -> None:
         raise FuseOSError(errno.EROFS)
 
     chmod = chown = create = link = mkdir = mknod = rename = rmdir = _rofs
     setxattr = removexattr = symlink = truncate = unlink = utimens = write = _rofs
 
-    def readdir(self, path, fh):
+    def readdir(self, path: str, fh: int) -> list:
         raise FuseOSError(errno.ENOTDIR)
 
 
@@ -121,7 +122,7 @@ def _tame_malloc(device: Device) -> None:
 class _ZeroCopyFUSE(FUSE):
     """fusepy's read copies twice (slice, then memmove); copy once, GIL released."""
 
-    def read(self, path, buf, size, offset, fip):
+    def read(self, path: bytes, buf: int, size: int, offset: int, fip: object) -> int:
         try:
             image = self.operations.device.image_of(fip.contents.fh)
         except KsymsError as e:

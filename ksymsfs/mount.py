@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -20,7 +21,7 @@ IGNORED_OPTIONS = {"ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec
                    "atime", "noatime", "relatime", "async", "sync"}
 
 
-def apply_options(a, opts: str | None) -> None:
+def apply_options(a: argparse.Namespace, opts: str | None) -> None:
     """Fold ``-o a,b=c`` (mount.fuse / fstab style) into the parsed arguments."""
     for opt in filter(None, (opts or "").split(",")):
         key, _, val = opt.partition("=")
@@ -81,7 +82,7 @@ def run_umount(mountpoint: str) -> int:
     return 0
 
 
-def _prepare_mountpoint(a) -> None:
+def _prepare_mountpoint(a: argparse.Namespace) -> None:
     mp = a.mountpoint
     state = mount_state(mp)
     if state == "stale":
@@ -101,7 +102,7 @@ def _prepare_mountpoint(a) -> None:
         os.close(fd)
 
 
-def _make_device(a) -> Device:
+def _make_device(a: argparse.Namespace) -> Device:
     from .cli import sources_from_args
 
     src = sources_from_args(a)
@@ -112,7 +113,7 @@ def _make_device(a) -> Device:
     return Device(src, target, max_open=a.max_open, sysctl_dir=a.sysctl_dir)
 
 
-def run_mount(a) -> int:
+def run_mount(a: argparse.Namespace) -> int:
     apply_options(a, a.options)
     _prepare_mountpoint(a)
     dev = _make_device(a)
@@ -128,7 +129,7 @@ def run_mount(a) -> int:
     return _daemonize(dev, a, uid, gid)
 
 
-def _serve(dev: Device, a, uid: int, gid: int) -> int:
+def _serve(dev: Device, a: argparse.Namespace, uid: int, gid: int) -> int:
     from .fusefs import serve
 
     log.info("serving %s (%d byte snapshot)", a.mountpoint, dev.latest_size)
@@ -136,7 +137,7 @@ def _serve(dev: Device, a, uid: int, gid: int) -> int:
     return 0
 
 
-def _daemonize(dev: Device, a, uid: int, gid: int) -> int:
+def _daemonize(dev: Device, a: argparse.Namespace, uid: int, gid: int) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
