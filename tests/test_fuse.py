@@ -352,6 +352,14 @@ def test_already_mounted_is_refused(captured):
     assert r.returncode == 1 and "already mounted" in r.stderr
 
 
+def _assert_serves_alpha(r: subprocess.CompletedProcess, mp_: Path) -> None:
+    """The mount command succeeded and nm on the mount shows the captured module."""
+    assert r.returncode == 0, r.stderr
+    assert mount_state(str(mp_)) == "mounted"
+    assert "alpha_fn3" in subprocess.run(["nm", str(mp_)], capture_output=True,
+                                         text=True).stdout
+
+
 def test_daemon_mode_and_mount_fuse_form(tmp_path):
     ks, mods = write_sources(tmp_path / "src", ["alpha"])
     mp_ = tmp_path / "ksyms"
@@ -359,10 +367,7 @@ def test_daemon_mode_and_mount_fuse_form(tmp_path):
                                    f"ro,nosuid,kallsyms={ks},modules={mods}"),
                        capture_output=True, text=True, env=env(), timeout=60)
     try:
-        assert r.returncode == 0, r.stderr
-        assert mount_state(str(mp_)) == "mounted"
-        assert "alpha_fn3" in subprocess.run(["nm", str(mp_)], capture_output=True,
-                                             text=True).stdout
+        _assert_serves_alpha(r, mp_)
     finally:
         subprocess.run(ksymsfs_cmd("umount", str(mp_)), env=env())
     assert mount_state(str(mp_)) == "none"
@@ -386,9 +391,7 @@ def test_mount_fuse_helper_protocol(tmp_path):
                         f"ro,nosuid,nodev,kallsyms={ks},modules={mods}"],
                        capture_output=True, text=True, timeout=60, env=e)
     try:
-        assert r.returncode == 0, r.stderr
-        assert "alpha_fn3" in subprocess.run(["nm", str(mp_)], capture_output=True,
-                                             text=True).stdout
+        _assert_serves_alpha(r, mp_)
     finally:
         subprocess.run(ksymsfs_cmd("umount", str(mp_)), env=env())
     assert mount_state(str(mp_)) == "none"
@@ -430,10 +433,7 @@ def test_fstab_line_mounts_through_mount8(tmp_path):
     r = subprocess.run(["mount", "--fstab", str(fstab), str(mp_)], capture_output=True,
                        text=True, timeout=60)
     try:
-        assert r.returncode == 0, r.stderr
-        assert mount_state(str(mp_)) == "mounted"
-        assert "alpha_fn3" in subprocess.run(["nm", str(mp_)], capture_output=True,
-                                             text=True).stdout
+        _assert_serves_alpha(r, mp_)
     finally:
         subprocess.run(["umount", str(mp_)])
     assert mount_state(str(mp_)) == "none"
