@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import KIOCGADDR, KIOCGSIZE
-from .builder import build_image
-from .elfdefs import Target, make_target
+from .elfdefs import Target
 from .errors import KsymsError
-from .policy import kallsyms_show_value, process_creds, read_sysctls
+from .policy import ProcessCreds, kallsyms_show_value, process_creds, read_sysctls
+from .snapshot import snapshot_image
 from .sources import Snapshot, Sources, take_snapshot
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ class Handle:
     tgid: int
     image: bytes
     show_addresses: bool
-    opened: float
 
 
 class Coalescer:
@@ -92,14 +91,14 @@ class Device:
 
     def __init__(self, sources: Sources, target: Target | None = None, *,
                  procfs: str = "/proc", sysctl_dir: str | None = None,
-                 max_open: int = 64, mounted_by: int | None = None):
+                 max_open: int = 64):
         self.sources = sources
         self.target = target
         self.procfs = procfs
         self.sysctl_dir = sysctl_dir or os.path.join(procfs, "sys", "kernel")
         self.max_open = max_open
-        self.mounted_by = os.getuid() if mounted_by is None else mounted_by
         self._lock = threading.Lock()
+        self._build_lock = threading.Lock()  # one build per (snapshot, policy), not one per opener
         self._handles: dict[int, Handle] = {}
         self._by_tgid: dict[int, int] = {}
         self._next_fh = 1
@@ -125,16 +124,21 @@ class Device:
             img = self._images.get(key)
         if img is not None:
             return img
-        target = self.target or make_target(address_bits=snap.table.address_bits)
-        img = bytes(build_image(snap.table, target, snap.load_order, not show,
-                                snap.section_bases))  # immutable: shared between opens
+        with self._build_lock:  # openers that shared one read wait for one build
+            with self._lock:
+                img = self._images.get(key)
+            if img is None:
+                img = bytes(snapshot_image(snap, self.target, hide_addresses=not show))
+                self._remember(snap, key, img)  # immutable bytes: shared between opens
+        return img
+
+    def _remember(self, snap: Snapshot, key: tuple[int, bool], img: bytes) -> None:
         with self._lock:
             if snap is not self._snap:  # a new kernel state: forget the old images
                 self._images = {k: v for k, v in self._images.items() if k[0] == id(snap)}
                 self._snap = snap
             self._images[key] = img
             self.latest_size = len(img)
-        return img
 
     def prime(self) -> bytes:
         """Build a first snapshot (mount time): fails early on bad sources, sizes stat."""
@@ -148,15 +152,11 @@ class Device:
             raise DeviceError(errno.ENOMEM, "out of memory building a snapshot") from None
 
     # -- who is asking ------------------------------------------------------------------
-    def _creds(self, tid: int):
+    def _creds(self, tid: int) -> ProcessCreds:
         creds = process_creds(tid, self.procfs)
         if creds is None:
             raise DeviceError(errno.ENXIO, f"cannot identify process {tid}")
         return creds
-
-    def may_see_addresses(self, tid: int) -> bool:
-        creds = self._creds(tid)
-        return kallsyms_show_value(read_sysctls(self.sysctl_dir), creds.cap_syslog)
 
     # -- file operations ---------------------------------------------------------------
     def open(self, tid: int, flags: int) -> int:
@@ -177,14 +177,14 @@ class Device:
             fh = self._next_fh
             self._next_fh += 1
             self._by_tgid[creds.tgid] = fh  # reserve: a racing thread of ours gets EBUSY
-            self._handles[fh] = Handle(creds.tgid, b"", show, time.time())
+            self._handles[fh] = Handle(creds.tgid, b"", show)
         try:
             image = self.snapshot(show)
         except BaseException:
             self.release(fh)
             raise
         with self._lock:
-            self._handles[fh] = Handle(creds.tgid, image, show, time.time())
+            self._handles[fh] = Handle(creds.tgid, image, show)
         return fh
 
     def image_of(self, fh: int) -> bytes:
@@ -195,10 +195,7 @@ class Device:
         return h.image
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
-        h = self._handles.get(fh)
-        if h is None:
-            raise DeviceError(errno.EBADF)
-        return h.image[offset:offset + size] if offset >= 0 else b""
+        return self.image_of(fh)[offset:offset + size] if offset >= 0 else b""
 
     def flush(self, fh: int, tid: int) -> None:
         """close() by the owner: free its one-open slot now (FUSE sends RELEASE later,
@@ -236,11 +233,9 @@ class Device:
     def ioctl(self, fh: int, cmd: int) -> bytes:
         """KIOCGSIZE -> the snapshot's size as a size_t; anything else ENOTTY."""
         cmd &= 0xFFFFFFFF
-        h = self._handles.get(fh)
-        if h is None:
-            raise DeviceError(errno.EBADF)
+        image = self.image_of(fh)
         if cmd == KIOCGSIZE:
-            return struct.pack("=Q", len(h.image))
+            return struct.pack("=Q", len(image))
         if cmd == KIOCGADDR:  # the snapshot lives in the daemon, not in the caller
             raise DeviceError(errno.ENOTTY, "KIOCGADDR is not supported over FUSE")
         raise DeviceError(errno.ENOTTY)

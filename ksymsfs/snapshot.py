@@ -24,6 +24,14 @@ class BuiltImage:
         return not bool(np.any(self.snapshot.table.addr))
 
 
+def snapshot_image(snap: Snapshot, target: Target | None = None,
+                   hide_addresses: bool = False) -> bytearray:
+    """A snapshot's image; the target defaults to this machine at the dump's width."""
+    target = target or make_target(address_bits=snap.table.address_bits)
+    return build_image(snap.table, target, snap.load_order, hide_addresses,
+                       snap.section_bases)
+
+
 def make_image(src: Sources, target: Target | None = None, hide_addresses: bool = False,
                arch: str | None = None, elfclass: int | None = None,
                endian: str | None = None, section_cache: dict | None = None) -> BuiltImage:
@@ -31,5 +39,4 @@ def make_image(src: Sources, target: Target | None = None, hide_addresses: bool 
     snap = take_snapshot(src, section_cache=section_cache)
     if target is None:
         target = make_target(arch, elfclass, endian, snap.table.address_bits)
-    data = build_image(snap.table, target, snap.load_order, hide_addresses, snap.section_bases)
-    return BuiltImage(data, snap, target)
+    return BuiltImage(snapshot_image(snap, target, hide_addresses), snap, target)

@@ -197,3 +197,26 @@ def test_device_unchanged_kernel_shares_one_image(tmp_path):
     c = dev.open(1, os.O_RDONLY)
     assert dev._handles[c].image is not img_a and b"new_sym" in dev._handles[c].image
     assert dev.read(a, 1 << 20, 0) == img_a  # the older open keeps its snapshot
+
+
+def test_device_openers_sharing_one_read_share_one_build(tmp_path, monkeypatch):
+    import ksymsfs.device as device_mod
+    (tmp_path / "k").write_text(KS)
+    dev = Device(Sources(str(tmp_path / "k"), None))
+    snap = take_snapshot(dev.sources)
+    builds = []
+    real = device_mod.snapshot_image
+
+    def counting(*a, **kw):
+        builds.append(1)
+        time.sleep(0.05)  # long enough for the other threads to arrive meanwhile
+        return real(*a, **kw)
+    monkeypatch.setattr(device_mod, "snapshot_image", counting)
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(dev._image_for(snap, True)))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert len(builds) == 1 and len(out) == 8 and all(o is out[0] for o in out)
