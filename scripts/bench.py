@@ -8,11 +8,14 @@ Sections (medians of --repeat runs; a PASS/FAIL column where the project has a t
   a) live kernel: ``cat /proc/kallsyms`` and an in-process read of it (the floor: the
      kernel formats the text) vs an in-process snapshot build vs open+read+close of a
      FUSE mount of the live kernel (by ``cat`` and in-process);
-  b) ``nm`` and ``readelf -s`` on the mount vs on a local copy of the same image;
+  b) ``nm`` and ``readelf -s`` on the mount vs on a local copy of the same image; the
+     same on a mount of a *captured* copy of /proc/kallsyms (no kernel read per open),
+     which shows the mount's own cost apart from the kernel's;
   c) scaling on generated tables (scripts/gen_kallsyms.py) of 100k..3M symbols: build
      time (make_image from the files) vs the time to read the input, and the peak RSS of
      a fresh process doing only that, vs the image size;
   d) 1, 8 and 32 processes reading the mount at once: wall time vs one, daemon memory;
+     the same on the captured-kallsyms mount (what FUSE transfer alone costs);
   e) ``reader.nlist`` of 10 names and ``reader.lookup`` of 10 addresses on the 1M image.
 
 Sections a (FUSE part), b and d print "SKIPPED: reason" when the mount cannot be made
@@ -376,7 +379,8 @@ def sec_live(rep: Report, args, mount: Mount | None, mount_err: str) -> dict:
 # b) nm / readelf on the mount vs a local copy
 
 
-def sec_tools(rep: Report, args, mount: Mount | None, mount_err: str, work: str) -> dict:
+def sec_tools(rep: Report, args, mount: Mount | None, mount_err: str, work: str,
+              static: Mount | None = None) -> dict:
     rep.section("b) nm and readelf -s: on the mount vs on a local copy of the image")
     res: dict = {"skipped": None}
     if mount is None:
@@ -422,6 +426,13 @@ def sec_tools(rep: Report, args, mount: Mount | None, mount_err: str, work: str)
         res[tool]["ratio_to_floor"] = med(tm) / floor
         rep.row(f"  floor: local {tool} + one cat /proc/kallsyms", floor * 1e3, "ms",
                 "MOUNT / floor", med(tm) / floor, "(info)")
+        if static is not None:  # same symbols, no kernel read: the mount's own cost
+            sp = static.mountpoint
+            ts = timed(lambda e=exe, a=targs, p=sp: run_quiet([e, *a, p]), args.repeat)
+            res[tool]["captured_mount_s"] = fig(ts)
+            res[tool]["captured_ratio"] = med(ts) / med(tl)
+            rep.row(f"  {tool} on a mount of captured kallsyms", med(ts) * 1e3, "ms",
+                    "local copy", med(ts) / med(tl), "(info)")
     return res
 
 
@@ -556,7 +567,7 @@ def local_wave(path: str, procs: int) -> float:
 
 
 def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str,
-                    work: str) -> dict:
+                    work: str, static: Mount | None = None) -> dict:
     rep.section("d) concurrent readers: N processes open+read the mount at once")
     res: dict = {"skipped": None, "levels": []}
     if mount is None:
@@ -614,7 +625,24 @@ def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str,
                 f"image {fmt_bytes(image)}", growth / image, f"<= {lim}x" if last else "",
                 okm)
     rep.row("daemon RSS when idle", res["levels"][0]["daemon_rss_before"] / 1e6, "MB")
+    if static is not None:
+        res["captured"] = captured_waves(rep, args, static)
     return res
+
+
+def captured_waves(rep: Report, args, static: Mount) -> list[dict]:
+    """The same waves on a mount of captured kallsyms: no kernel read per open, so the
+    wall time is the daemon's and FUSE's own (libfuse 2: 128 KiB per request)."""
+    out, base = [], None
+    for procs in args.concurrency:
+        one_wave(static.mountpoint, procs, static.pid)
+        wall = med([one_wave(static.mountpoint, procs, static.pid)["wall_s"]
+                    for _ in range(args.repeat)])
+        base = wall if base is None else base
+        out.append({"processes": procs, "wall_s": wall, "wall_ratio": wall / base})
+        rep.row(f"  {procs} readers, captured-kallsyms mount", wall * 1e3, "ms",
+                "1 reader of it", wall / base, "(info)")
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -726,6 +754,22 @@ def plot(path: str, scaling: dict) -> str | None:
     return None
 
 
+def start_captured(work: str) -> Mount | None:
+    """A second mount serving a copy of /proc/kallsyms taken now (None if it fails)."""
+    kp = os.path.join(work, "kallsyms.captured")
+    with open("/proc/kallsyms", "rb") as src, open(kp, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    mods = None
+    if os.path.exists("/proc/modules"):
+        mods = os.path.join(work, "modules.captured")
+        shutil.copyfile("/proc/modules", mods)
+    m = Mount(os.path.join(work, "ksyms-captured"), kp, mods)
+    if m.start():
+        return m
+    print(f"captured-kallsyms mount not made: {m.error}", file=sys.stderr)
+    return None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -762,7 +806,7 @@ def main(argv=None) -> int:
         os.makedirs(work, exist_ok=True)
     else:
         work = tmp = tempfile.mkdtemp(prefix="ksymsfs-bench-")
-    mount, mount_err = None, "--no-fuse given"
+    mount, mount_err, static = None, "--no-fuse given", None
     t0 = time.time()
     try:
         if not args.no_fuse:
@@ -771,6 +815,7 @@ def main(argv=None) -> int:
                 mount = m
             else:
                 mount_err = f"cannot mount the live kernel: {m.error}"
+        static = start_captured(work) if mount is not None else None
         data = rep.data
         data["meta"] = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0)),
@@ -782,16 +827,18 @@ def main(argv=None) -> int:
             "seed": args.seed, "targets": TARGETS,
         }
         data["live"] = sec_live(rep, args, mount, mount_err)
-        data["tools"] = sec_tools(rep, args, mount, mount_err, work)
-        data["concurrency"] = sec_concurrency(rep, args, mount, mount_err, work)
-        if mount is not None:
-            mount.stop()
-            mount = None
+        data["tools"] = sec_tools(rep, args, mount, mount_err, work, static)
+        data["concurrency"] = sec_concurrency(rep, args, mount, mount_err, work, static)
+        for m in (mount, static):
+            if m is not None:
+                m.stop()
+        mount = static = None
         data["scaling"] = sec_scaling(rep, args, work)
         data["lookup"] = sec_lookup(rep, args, data["scaling"])
     finally:
-        if mount is not None:
-            mount.stop()
+        for m in (mount, static):
+            if m is not None:
+                m.stop()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     data["checks"] = rep.checks

@@ -38,6 +38,35 @@ def bench_json(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.fixture(scope="module")
+def bench_fuse_json(tmp_path_factory) -> dict:
+    """--quick with the FUSE sections: a live mount and a captured-kallsyms mount."""
+    out = tmp_path_factory.mktemp("bench-fuse") / "bench.json"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick",
+                        "--json", str(out)], cwd=str(REPO),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "SKIPPED" not in r.stdout, r.stdout
+    return json.loads(out.read_text())
+
+
+def test_bench_fuse_sections(bench_fuse_json):
+    live = bench_fuse_json["live"]["fuse"]
+    assert not live["skipped"]
+    _positive(live, "cat_mount_s", "read_mount_s", "ratio_cat", "mount_bytes")
+    for tool in ("nm", "readelf"):
+        t = bench_fuse_json["tools"][tool]
+        assert t["same_output"] is True          # the mount and the local copy agree
+        _positive(t, "mount_s", "local_s", "ratio", "floor_s", "captured_mount_s",
+                  "captured_ratio")
+    conc = bench_fuse_json["concurrency"]
+    assert [lv["processes"] for lv in conc["levels"]] == [1, 4]
+    assert all(lv["all_ok"] and not lv["errors"] for lv in conc["levels"])
+    assert [c["processes"] for c in conc["captured"]] == [1, 4]
+    for c in conc["captured"]:
+        _positive(c, "wall_s", "wall_ratio")
+
+
 def test_bench_sections_present(bench_json):
     for key in ("meta", "live", "tools", "scaling", "concurrency", "lookup", "checks"):
         assert key in bench_json
