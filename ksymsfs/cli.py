@@ -9,6 +9,7 @@ import sys
 import tempfile
 
 from . import __version__
+from .elfdefs import ELFCLASS32, ELFCLASS64
 from .errors import ConfigError, KsymsError
 from .sources import Sources
 
@@ -27,6 +28,9 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lenient", action="store_true",
                    help="skip lines that are not symbol lines (headers, separators) "
                         "instead of failing on them")
+
+
+ELFCLASS_OF = {None: None, "32": ELFCLASS32, "64": ELFCLASS64}  # --class -> EI_CLASS
 
 
 def _add_target_args(p: argparse.ArgumentParser) -> None:
@@ -115,15 +119,13 @@ def cmd_snapshot(a: argparse.Namespace) -> int:
 
     src = sources_from_args(a)
     src.strict_modules = False
-    img = make_image(src, hide_addresses=a.hide_addresses, arch=a.arch,
-                     elfclass=None if a.elfclass is None else (1 if a.elfclass == "32" else 2),
-                     endian=a.endian)
+    img = make_image(src, a.hide_addresses, a.arch, ELFCLASS_OF[a.elfclass], a.endian)
     for w in img.snapshot.warnings:
         log.warning("%s", w)
     if img.snapshot.table.skipped:
         log.warning("%s: skipped %d lines that are not symbol lines", src.kallsyms,
                     img.snapshot.table.skipped)
-    if img.all_zero and not a.hide_addresses and a.kallsyms is None:
+    if img.snapshot.all_zero and not a.hide_addresses and a.kallsyms is None:
         log.warning("every address in %s is zero: the kernel hides them from this user "
                     "(see kernel.kptr_restrict); run as root for real addresses", src.kallsyms)
     _write_atomic(a.output, img.data)

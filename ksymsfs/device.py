@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import KIOCGADDR, KIOCGSIZE
-from .elfdefs import Target
 from .errors import KsymsError
 from .policy import ProcessCreds, kallsyms_show_value, process_creds, read_sysctls
 from .snapshot import snapshot_image
@@ -89,11 +88,12 @@ class Coalescer:
 class Device:
     """What /dev/ksyms does, as plain methods the FUSE adapter delegates to."""
 
-    def __init__(self, sources: Sources, target: Target | None = None, *,
+    def __init__(self, sources: Sources, *, arch: str | None = None,
+                 elfclass: int | None = None, endian: str | None = None,
                  procfs: str = "/proc", sysctl_dir: str | None = None,
                  max_open: int = 64):
         self.sources = sources
-        self.target = target
+        self.target_overrides = {"arch": arch, "elfclass": elfclass, "endian": endian}
         self.procfs = procfs
         self.sysctl_dir = sysctl_dir or os.path.join(procfs, "sys", "kernel")
         self.max_open = max_open
@@ -102,8 +102,8 @@ class Device:
         self._handles: dict[int, Handle] = {}
         self._by_tgid: dict[int, int] = {}
         self._next_fh = 1
-        self._snap: Snapshot | None = None
-        self._images: dict[tuple[int, bool], bytes] = {}  # (id(snapshot), show) -> image
+        self._snap: Snapshot | None = None      # the newest kernel state read
+        self._images: dict[bool, bytes] = {}     # its images, by "shows addresses"
         self._section_cache: dict = {}
         self._coalescer = Coalescer(self._read_sources)
         self.latest_size = 0
@@ -112,38 +112,36 @@ class Device:
 
     # -- snapshots -------------------------------------------------------------------
     def _read_sources(self) -> Snapshot:
+        # reads are serialized by the Coalescer, so self._snap is only replaced here
         snap = take_snapshot(self.sources, section_cache=self._section_cache,
                              previous=self._snap)
-        if snap is not self._snap:
+        if snap is not self._snap:  # a new kernel state: forget the old images
+            with self._lock:
+                self._snap, self._images = snap, {}
             self.mtime = time.time()
         return snap
 
     def _image_for(self, snap: Snapshot, show: bool) -> bytes:
-        key = (id(snap), show)
         with self._lock:
-            img = self._images.get(key)
+            img = self._images.get(show) if snap is self._snap else None
         if img is not None:
             return img
         with self._build_lock:  # openers that shared one read wait for one build
             with self._lock:
-                img = self._images.get(key)
+                img = self._images.get(show) if snap is self._snap else None
             if img is None:
-                img = bytes(snapshot_image(snap, self.target, hide_addresses=not show))
-                self._remember(snap, key, img)  # immutable bytes: shared between opens
+                img = bytes(snapshot_image(snap, not show, **self.target_overrides))
+                with self._lock:
+                    if snap is self._snap:  # immutable bytes: shared between opens
+                        self._images[show] = img
+                        self.latest_size = len(img)
         return img
 
-    def _remember(self, snap: Snapshot, key: tuple[int, bool], img: bytes) -> None:
-        with self._lock:
-            if snap is not self._snap:  # a new kernel state: forget the old images
-                self._images = {k: v for k, v in self._images.items() if k[0] == id(snap)}
-                self._snap = snap
-            self._images[key] = img
-            self.latest_size = len(img)
-
-    def prime(self) -> bytes:
+    def prime(self) -> Snapshot:
         """Build a first snapshot (mount time): fails early on bad sources, sizes stat."""
         snap = self._coalescer.get()
-        return self._image_for(snap, True)
+        self._image_for(snap, True)
+        return snap
 
     def snapshot(self, show: bool) -> bytes:
         try:
@@ -200,11 +198,13 @@ class Device:
     def flush(self, fh: int, tid: int) -> None:
         """close() by the owner: free its one-open slot now (FUSE sends RELEASE later,
         asynchronously, so open-close-open would otherwise race into EBUSY)."""
-        creds = process_creds(tid, self.procfs) if tid else None
         with self._lock:
             h = self._handles.get(fh)
-            if h is not None and creds is not None and creds.tgid == h.tgid \
-                    and self._by_tgid.get(h.tgid) == fh:
+            if not tid or h is None or self._by_tgid.get(h.tgid) != fh:
+                return  # nothing to free (slot already freed, e.g. by a dup'd fd's close)
+        creds = process_creds(tid, self.procfs)
+        with self._lock:
+            if creds is not None and creds.tgid == h.tgid and self._by_tgid.get(h.tgid) == fh:
                 del self._by_tgid[h.tgid]
 
     def release(self, fh: int) -> None:

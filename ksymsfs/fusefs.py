@@ -135,15 +135,13 @@ class _ZeroCopyFUSE(FUSE):
         return n
 
 
-def serve(device: Device, mountpoint: str, *, foreground: bool = True,
-          allow_other: bool = False, debug: bool = False, uid: int = 0, gid: int = 0,
-          extra: dict | None = None) -> None:
-    """Run the FUSE loop until unmounted or SIGINT/SIGTERM (libfuse then unmounts)."""
+def serve(device: Device, mountpoint: str, *, allow_other: bool = False, debug: bool = False,
+          uid: int = 0, gid: int = 0) -> None:
+    """Run the FUSE loop in the foreground until unmounted or SIGINT/SIGTERM (libfuse then
+    unmounts); mount.py daemonizes before calling this."""
     _tame_malloc(device)
-    opts = dict(extra or {})
-    if allow_other:
-        opts["allow_other"] = True
-    _ZeroCopyFUSE(KsymsOperations(device, uid, gid), mountpoint, raw_fi=True, foreground=foreground,
+    opts = {"allow_other": True} if allow_other else {}
+    _ZeroCopyFUSE(KsymsOperations(device, uid, gid), mountpoint, raw_fi=True, foreground=True,
          debug=debug, nothreads=False, ro=True, default_permissions=True,
          fsname="ksymsfs", subtype="ksymsfs", attr_timeout=0, entry_timeout=0,
          negative_timeout=0, **opts)

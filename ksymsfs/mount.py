@@ -12,7 +12,6 @@ import sys
 import time
 
 from .device import Device
-from .elfdefs import make_target
 from .errors import ConfigError, KsymsError
 
 log = logging.getLogger("ksymsfs")
@@ -62,11 +61,14 @@ def mount_state(mountpoint: str) -> str:
     return "mounted" if mounted else "none"
 
 
-def _fusermount(args: list[str]) -> subprocess.CompletedProcess:
+def _fusermount(mountpoint: str, lazy: bool = False) -> subprocess.CompletedProcess:
+    """Unmount with fusermount (umount(8) if there is none); ``lazy`` detaches a busy or
+    stale mount (-z / -l)."""
     tool = shutil.which("fusermount") or shutil.which("fusermount3")
-    cmd = [tool, *args] if tool else ["umount", *[x for x in args if x != "-u"]]
-    if not tool and "-z" in args:
-        cmd = ["umount", "-l", args[-1]]
+    if tool:
+        cmd = [tool, "-uz" if lazy else "-u", mountpoint]
+    else:
+        cmd = ["umount", *(["-l"] if lazy else []), mountpoint]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
@@ -74,9 +76,9 @@ def run_umount(mountpoint: str) -> int:
     state = mount_state(mountpoint)
     if state == "none":
         raise KsymsError(f"{mountpoint}: not mounted")
-    r = _fusermount(["-u", mountpoint])
+    r = _fusermount(mountpoint)
     if r.returncode != 0:
-        r = _fusermount(["-uz", mountpoint])  # stale, or busy: detach lazily
+        r = _fusermount(mountpoint, lazy=True)  # stale, or busy
     if r.returncode != 0:
         raise KsymsError(f"{mountpoint}: cannot unmount: {r.stderr.strip()}")
     return 0
@@ -91,7 +93,7 @@ def _prepare_mountpoint(a: argparse.Namespace) -> None:
                              f"endpoint is not connected); run 'ksymsfs umount {mp}' "
                              "or mount again with --force")
         log.warning("%s: removing stale mount", mp)
-        _fusermount(["-uz", mp])
+        _fusermount(mp, lazy=True)
     elif state == "mounted":
         raise KsymsError(f"{mp}: already mounted; run 'ksymsfs umount {mp}' first")
     if os.path.isdir(mp):
@@ -103,23 +105,17 @@ def _prepare_mountpoint(a: argparse.Namespace) -> None:
 
 
 def _make_device(a: argparse.Namespace) -> Device:
-    from .cli import sources_from_args
+    from .cli import ELFCLASS_OF, sources_from_args
 
-    src = sources_from_args(a)
-    cls = None if a.elfclass is None else (1 if a.elfclass == "32" else 2)
-    target = None
-    if a.arch or cls or a.endian:
-        target = make_target(a.arch, cls, a.endian)
-    return Device(src, target, max_open=a.max_open, sysctl_dir=a.sysctl_dir)
+    return Device(sources_from_args(a), arch=a.arch, elfclass=ELFCLASS_OF[a.elfclass],
+                  endian=a.endian, max_open=a.max_open, sysctl_dir=a.sysctl_dir)
 
 
 def run_mount(a: argparse.Namespace) -> int:
     apply_options(a, a.options)
     _prepare_mountpoint(a)
     dev = _make_device(a)
-    dev.prime()
-    snap = dev._snap
-    if snap is not None and a.kallsyms is None and not snap.table.addr.any():
+    if dev.prime().all_zero and a.kallsyms is None:
         log.warning("every address in %s is zero for this daemon (uid %d): the kernel hides "
                     "them (kernel.kptr_restrict); every opener will see zeros. Run as root.",
                     dev.sources.kallsyms, os.getuid())

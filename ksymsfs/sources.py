@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -75,6 +76,9 @@ def read_section_bases(sysmodule: str, modules: list[ModuleInfo],
             cache[key] = bases
         if bases:
             out[m.name] = bases
+    if cache is not None:  # forget unloaded module instances
+        for key in set(cache) - {(m.name, m.address) for m in modules}:
+            del cache[key]
     return out
 
 
@@ -110,28 +114,34 @@ class Snapshot:
     digest: bytes = b""  # SHA-256 of the bytes read, to spot "nothing changed"
 
     @property
+    def all_zero(self) -> bool:
+        """Every address is 0: the kernel hid them from whoever read kallsyms."""
+        return not self.table.addr.any()
+
+    @property
     def load_order(self) -> list[str] | None:
         """Oldest module first: /proc/modules lists newest first."""
         return None if self.modules is None else [m.name for m in reversed(self.modules)]
 
 
-def _read(path: str) -> bytes:
+def _read(path: str, missing_ok: bool = False) -> bytes | None:
     try:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
+        if missing_ok and e.errno == errno.ENOENT:
+            return None
         raise SourceError(f"{path}: cannot read: {e.strerror}") from None
 
 
 def _read_modules(src: Sources) -> bytes | None:
+    """None when there is no module list (a kernel without module support, say)."""
     if src.modules is None:
         return None
-    if src.modules_optional and not os.path.exists(src.modules):
-        return None
-    return _read(src.modules)
+    return _read(src.modules, missing_ok=src.modules_optional)
 
 
-def take_snapshot(src: Sources, tries: int = SNAPSHOT_TRIES,
+def take_snapshot(src: Sources,
                   section_cache: dict | None = None,
                   previous: Snapshot | None = None) -> Snapshot:
     """Read modules, kallsyms, modules again; retry while they disagree, then ENXIO.
@@ -140,7 +150,7 @@ def take_snapshot(src: Sources, tries: int = SNAPSHOT_TRIES,
     changed, so its parsed table (and any image built from it) is still exact.
     """
     why = ""
-    for _ in range(tries):
+    for _ in range(SNAPSHOT_TRIES):
         m1 = _read_modules(src)
         kdata = _read(src.kallsyms)
         m2 = _read_modules(src)
@@ -161,7 +171,7 @@ def take_snapshot(src: Sources, tries: int = SNAPSHOT_TRIES,
             bases = read_section_bases(src.sections, mods, section_cache)
         del kdata  # only the parsed table is kept
         return Snapshot(table, mods, bases, warnings, digest)
-    raise SnapshotError(f"no consistent snapshot after {tries} tries: {why}")
+    raise SnapshotError(f"no consistent snapshot after {SNAPSHOT_TRIES} tries: {why}")
 
 
 def _digest(kdata: bytes, mdata: bytes | None) -> bytes:

@@ -199,11 +199,35 @@ def test_device_unchanged_kernel_shares_one_image(tmp_path):
     assert dev.read(a, 1 << 20, 0) == img_a  # the older open keeps its snapshot
 
 
+def test_device_changed_kernel_built_once_for_openers_arriving_during_the_build(
+        tmp_path, monkeypatch):
+    import ksymsfs.device as device_mod
+    (tmp_path / "k").write_text(KS)
+    dev = Device(Sources(str(tmp_path / "k"), None))
+    dev.snapshot(True)
+    (tmp_path / "k").write_text(KS + "ffffffff81000020 T new_sym\n")
+    builds = []
+    real = device_mod.snapshot_image
+
+    def slow(*a, **kw):
+        builds.append(1)
+        time.sleep(0.3)
+        return real(*a, **kw)
+    monkeypatch.setattr(device_mod, "snapshot_image", slow)
+    out = []
+    first = threading.Thread(target=lambda: out.append(dev.snapshot(True)))
+    first.start()
+    time.sleep(0.1)  # the second opener arrives while the first one's image is built
+    out.append(dev.snapshot(True))
+    first.join(5)
+    assert len(builds) == 1 and out[0] is out[1] and b"new_sym" in out[0]
+
+
 def test_device_openers_sharing_one_read_share_one_build(tmp_path, monkeypatch):
     import ksymsfs.device as device_mod
     (tmp_path / "k").write_text(KS)
     dev = Device(Sources(str(tmp_path / "k"), None))
-    snap = take_snapshot(dev.sources)
+    snap = dev._read_sources()
     builds = []
     real = device_mod.snapshot_image
 
