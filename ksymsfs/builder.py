@@ -13,6 +13,7 @@ binutils' "section extends past end of file" check holds. See README "Image form
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,7 @@ from .elfdefs import (
     phdr_dtype,
     shdr_dtype,
     sym_dtype,
+    word_dtype,
 )
 from .errors import ImageError
 from .kallsyms import SymbolTable
@@ -174,7 +176,7 @@ def build_image(table: SymbolTable, target: Target, load_order: list[str] | None
     del info
     sym["st_shndx"] = shndx[order]
     del sym, shndx
-    words = np.frombuffer(out, ("<" if target.data == 1 else ">") + "u4", n + 1, lay.infooff)
+    words = np.frombuffer(out, word_dtype(target.data), n + 1, lay.infooff)
     word = np.take(modoff << np.uint32(8), table.module)
     word |= table.letter
     words[1:] = word[order]
@@ -303,8 +305,9 @@ def _sections(table, addr, cls, rank, limit, section_bases):
     np.not_equal(r[1:], r[:-1], out=new[1:])
     del r
     new[1:] |= c[1:] != c[:-1]
-    if section_bases:
-        new |= _real_section_cuts(table, o, a, section_bases)
+    bases = _sorted_bases(section_bases)
+    if bases:
+        new |= _real_section_cuts(table, o, a, bases)
     starts = np.flatnonzero(new)
     chunk = np.repeat(a[starts], np.diff(starts, append=len(o)))
     del starts
@@ -323,34 +326,44 @@ def _sections(table, addr, cls, rank, limit, section_bases):
     for f_cls, f_mod, start, end in zip(c[firsts].tolist(), table.module[o[firsts]].tolist(),
                                         a[firsts].tolist(), sec_end):
         base, sh_type, flags = lt.SECTION_KINDS[f_cls]
-        name = _section_name(base, mods[f_mod], start, section_bases)
+        name = _section_name(base, mods[f_mod], start, bases)
         sections.append(Section(name, sh_type, flags, start, end - start))
     return sections, shndx, size
 
 
-def _real_section_cuts(table, o, a, section_bases):
+def _sorted_bases(section_bases):
+    """{module: ([section addresses, ascending], [their (address, section name)])}."""
+    out = {}
+    for mod, bases in (section_bases or {}).items():
+        tab = sorted((v, k) for k, v in bases.items() if v)
+        if tab:
+            out[mod] = ([v for v, _ in tab], tab)
+    return out
+
+
+def _real_section_cuts(table, o, a, bases):
     """Extra run boundaries where a module's real ELF section (from /sys) begins."""
     cut = np.zeros(len(o), bool)
     mod_of = table.module[o]
     for mid, mname in enumerate(table.modules):
-        bases = section_bases.get(mname)
-        if not mid or not bases:
+        if not mid or mname not in bases:
             continue
         sel = np.flatnonzero(mod_of == mid)
-        b = np.array(sorted(set(bases.values())), np.uint64)
+        b = np.unique(np.array(bases[mname][0], np.uint64))
         which = np.searchsorted(b, a[sel], side="right")
         cut[sel[1:]] |= which[1:] != which[:-1]
     return cut
 
 
-def _section_name(base, mod, start, section_bases):
+def _section_name(base, mod, start, bases):
+    """``base[mod]``, or the module's real section at or below ``start``: ``.text[mod]``."""
     if not mod:
         return base
-    bases = (section_bases or {}).get(mod)
-    if bases:
-        below = [(v, k) for k, v in bases.items() if v <= start]
-        if below:
-            return f"{max(below)[1]}[{mod}]"
+    if mod in bases:
+        vals, tab = bases[mod]
+        j = bisect.bisect_right(vals, start) - 1
+        if j >= 0:
+            return f"{tab[j][1]}[{mod}]"
     return f"{base}[{mod}]"
 
 

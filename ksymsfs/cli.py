@@ -137,7 +137,7 @@ def cmd_nlist(a: argparse.Namespace) -> int:
 
     img = parse_image(a.image)
     res = nlist(img, a.names)
-    w = 8 if img.elfclass == 1 else 16
+    w = img.address_width
     missing = 0
     for name, hits in res.items():
         if not hits:
@@ -159,7 +159,7 @@ def cmd_lookup(a: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"not a hex address: {s!r}") from None
     img = parse_image(a.image)
-    w = 8 if img.elfclass == 1 else 16
+    w = img.address_width
     missing = 0
     for addr, r in zip(addrs, lookup(img, addrs)):
         missing += r is None

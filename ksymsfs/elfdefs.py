@@ -30,7 +30,6 @@ EV_CURRENT = 1
 PT_LOAD = ENUM_P_TYPE_BASE["PT_LOAD"]
 PF_X, PF_W, PF_R = P_FLAGS.PF_X, P_FLAGS.PF_W, P_FLAGS.PF_R
 
-SHT_NULL = ENUM_SH_TYPE_BASE["SHT_NULL"]
 SHT_PROGBITS = ENUM_SH_TYPE_BASE["SHT_PROGBITS"]
 SHT_SYMTAB = ENUM_SH_TYPE_BASE["SHT_SYMTAB"]
 SHT_STRTAB = ENUM_SH_TYPE_BASE["SHT_STRTAB"]
@@ -38,7 +37,6 @@ SHT_NOBITS = ENUM_SH_TYPE_BASE["SHT_NOBITS"]
 SHF_WRITE = SH_FLAGS.SHF_WRITE
 SHF_ALLOC = SH_FLAGS.SHF_ALLOC
 SHF_EXECINSTR = SH_FLAGS.SHF_EXECINSTR
-SHF_STRINGS = SH_FLAGS.SHF_STRINGS
 
 STB_LOCAL = ENUM_ST_INFO_BIND["STB_LOCAL"]
 STB_GLOBAL = ENUM_ST_INFO_BIND["STB_GLOBAL"]
@@ -51,6 +49,7 @@ STT_FILE = ENUM_ST_INFO_TYPE["STT_FILE"]
 STT_GNU_IFUNC = ENUM_ST_INFO_TYPE["STT_LOOS"]  # 10, elf.h's STT_GNU_IFUNC
 SHN_UNDEF = ENUM_ST_SHNDX["SHN_UNDEF"]
 SHN_ABS = ENUM_ST_SHNDX["SHN_ABS"]
+SHN_COMMON = ENUM_ST_SHNDX["SHN_COMMON"]
 SHN_LORESERVE = 0xFF00
 
 
@@ -60,6 +59,11 @@ def ELF_ST_INFO(bind: int, typ: int) -> int:  # noqa: N802  (elf.h spelling)
 
 def _endian(data: int) -> str:
     return "<" if data == ELFDATA2LSB else ">"
+
+
+def word_dtype(data: int) -> np.dtype:
+    """An Elf_Word (32 bits) in the image's byte order."""
+    return np.dtype(_endian(data) + "u4")
 
 
 def ehdr_dtype(elfclass: int, data: int) -> np.dtype:
@@ -138,8 +142,8 @@ ARCHES = {
 ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64", "i686": "i386", "armv7l": "arm",
                 "armv6l": "arm", "armhf": "arm"}
 # The 32-bit sibling of a 64-bit machine, for a 32-bit dump read on a 64-bit host.
-MACHINE32 = {"x86_64": "i386", "aarch64": "arm", "mips64": "mips", "mips64el": "mipsel",
-             "ppc64": "ppc64", "ppc64le": "ppc64le", "riscv64": "riscv64", "s390x": "s390x"}
+# (Machines not listed keep their own e_machine with ELFCLASS32.)
+MACHINE32 = {"x86_64": "i386", "aarch64": "arm", "mips64": "mips", "mips64el": "mipsel"}
 
 
 def host_arch() -> str:

@@ -10,7 +10,7 @@ from .errors import ParseError
 from .letters import LETTER_CLASS
 
 KSYM_NAME_LEN = 512  # kernel limit including the NUL: names are at most 511 bytes
-PSEUDO_MODULES = ("bpf", "__builtin__ftrace", "__builtin__kprobes")
+PSEUDO_MODULES = ("bpf",)  # and every "__builtin__*" ([__builtin__ftrace], ...)
 
 _HEX = np.full(256, 255, np.uint8)
 for _i, _c in enumerate(b"0123456789abcdef"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .elfdefs import (
+    ELF_ST_INFO,
     SHF_ALLOC,
     SHF_EXECINSTR,
     SHF_WRITE,
@@ -65,7 +66,7 @@ LETTER_CLASS = np.full(256, 255, np.uint8)
 LETTER_INFO = np.zeros(256, np.uint8)
 for _ch, (_cls, _bind, _typ) in LETTERS.items():
     LETTER_CLASS[ord(_ch)] = _cls
-    LETTER_INFO[ord(_ch)] = (_bind << 4) | _typ
+    LETTER_INFO[ord(_ch)] = ELF_ST_INFO(_bind, _typ)
 
 
 def nm_letter(shndx: int, bind: int, typ: int, sh_type: int, sh_flags: int, sh_name: str) -> str:

@@ -18,6 +18,7 @@ from .elfdefs import (
     ELFDATA2MSB,
     SHF_WRITE,
     SHN_ABS,
+    SHN_COMMON,
     SHN_LORESERVE,
     SHN_UNDEF,
     SHT_NOBITS,
@@ -29,6 +30,7 @@ from .elfdefs import (
     ehdr_dtype,
     shdr_dtype,
     sym_dtype,
+    word_dtype,
 )
 from .errors import ConfigError, ImageError
 
@@ -76,6 +78,11 @@ class Image:
 
     def module(self, i: int) -> str:
         return self.modname(int(self.modkey[i]))
+
+    @property
+    def address_width(self) -> int:
+        """Hex digits of an address, as kallsyms prints them."""
+        return 8 if self.elfclass == ELFCLASS32 else 16
 
     @property
     def modules(self) -> list[str]:
@@ -203,9 +210,7 @@ def _ksyms_info(data, path, sh, names, nsyms, order, shndx):
         info = _section_bytes(data, path, sh, names.index(INFO_SECTION), INFO_SECTION)
         mods = _section_bytes(data, path, sh, names.index(MODULES_SECTION), MODULES_SECTION)
         if len(info) == 4 * (nsyms + 1) and len(mods) and mods[-1] == 0:
-            e = ("<" if order == ELFDATA2LSB else ">") + "u4"
-            words = np.frombuffer(data, e, nsyms + 1, int(sh[names.index(INFO_SECTION)]
-                                                          ["sh_offset"]))[1:]
+            words = info.view(word_dtype(order))[1:]
             modoff = words >> 8
             if len(words) and int(modoff.max()) >= len(mods):
                 raise _fail(path, f"{INFO_SECTION} refers past end of {MODULES_SECTION}")
@@ -240,7 +245,7 @@ def nlist_type(img: Image, i: int) -> int:
     """n_type exactly as libbsd's elf_sym_to_nlist() computes it."""
     s = img.syms[i]
     shndx, bind, typ = int(s["st_shndx"]), int(s["st_info"]) >> 4, int(s["st_info"]) & 15
-    if shndx in (SHN_UNDEF, 0xFFF2):  # SHN_COMMON
+    if shndx in (SHN_UNDEF, SHN_COMMON):
         t = N_UNDF
     elif shndx == SHN_ABS:
         t = N_FN if typ == STT_FILE else N_ABS
@@ -354,7 +359,7 @@ def lookup(image: ImageLike | Image, addrs: Iterable[int]) -> list[Lookup | None
 def dump_lines(image: ImageLike | Image, width: int | None = None) -> Iterable[str]:
     """The image back as kallsyms text lines (symtab order), module suffixes included."""
     img = image if isinstance(image, Image) else parse_image(image)
-    w = width or (8 if img.elfclass == ELFCLASS32 else 16)
+    w = width or img.address_width
     names = img.names()
     vals = img.syms["st_value"].tolist()
     if img.letters is not None:
