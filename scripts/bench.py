@@ -228,16 +228,10 @@ def fmt_bytes(n: float) -> str:
 
 
 def is_mounted(path: str) -> bool:
-    path = os.path.realpath(path)
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 1 and fields[1].replace("\\040", " ") == path:
-                    return True
-    except OSError:
-        pass
-    return False
+    """Mounted, or a stale mount left by a daemon that died."""
+    from ksymsfs.mount import mount_state
+
+    return mount_state(os.path.realpath(path)) != "none"
 
 
 class Mount:
@@ -344,8 +338,8 @@ def sec_live(rep: Report, args, mount: Mount | None, mount_err: str) -> dict:
     n = args.repeat
     cat = timed(lambda: run_quiet(["cat", kall]), n)
     rd = timed(lambda: read_all(kall), n)
-    build = timed(lambda: make_image(Sources.live()), n)
-    img = make_image(Sources.live())
+    img = make_image(Sources.live())  # also the warm-up
+    build = timed(lambda: make_image(Sources.live()), n, warmup=0)
     res.update(kallsyms_bytes=nbytes, kallsyms_lines=len(img.snapshot.table),
                image_bytes=len(img.data), cat_s=fig(cat), read_s=fig(rd),
                make_image_s=fig(build))
@@ -392,6 +386,8 @@ def sec_tools(rep: Report, args, mount: Mount | None, mount_err: str, work: str,
     shutil.copyfile(mp, local)
     res["image_bytes"] = os.path.getsize(local)
     lim = TARGETS["tool_mount_vs_local"]
+    # every open must read the kernel's table afresh: local + one read is the floor
+    tk = timed(lambda: run_quiet(["cat", "/proc/kallsyms"]), args.repeat)
     for tool, targs in (("nm", []), ("readelf", ["-s", "-W"])):
         exe = shutil.which(tool)
         if not exe:
@@ -419,8 +415,6 @@ def sec_tools(rep: Report, args, mount: Mount | None, mount_err: str, work: str,
                 f"<= {lim}x", ok)
         if not res[tool]["same_output"]:
             rep.row(f"  note: {tool} output differs mount vs local", None, "")
-        # every open must read the kernel's table afresh: local + one read is the floor
-        tk = timed(lambda: run_quiet(["cat", "/proc/kallsyms"]), args.repeat)
         floor = med(tl) + med(tk)
         res[tool]["floor_s"] = floor
         res[tool]["ratio_to_floor"] = med(tm) / floor
@@ -440,9 +434,14 @@ def sec_tools(rep: Report, args, mount: Mount | None, mount_err: str, work: str,
 # c) scaling on generated tables
 
 
+def modules_for(symbols: int) -> int:
+    """~1,000 modules at 3M symbols, as on a big distro kernel."""
+    return max(10, round(symbols / 3000))
+
+
 def gen_tables(work: str, symbols: int, seed: int) -> tuple[str, str]:
     """Generated once per (generator source, size, seed) in the work dir."""
-    modules = max(10, round(symbols / 3000))
+    modules = modules_for(symbols)
     src_hash = hashlib.sha256(Path(gen_kallsyms.__file__).read_bytes()).hexdigest()[:12]
     d = os.path.join(work, f"gen-{symbols}-{modules}-{seed}-{src_hash}")
     kp, mp = os.path.join(d, "kallsyms"), os.path.join(d, "modules")
@@ -475,7 +474,7 @@ def sec_scaling(rep: Report, args, work: str) -> dict:
             res["lookup_image"] = {"symbols": n, "path": out, "kallsyms": kp}
         b, rd, sn = med(c["build_s"]), med(c["read_s"]), med(c["snapshot_s"])
         peak = max(c["hwm"] - c["rss_baseline"], 0)
-        e = {"symbols": n, "modules": max(10, round(n / 3000)),
+        e = {"symbols": n, "modules": modules_for(n),
              "input_bytes": os.path.getsize(kp), "image_bytes": c["image_bytes"],
              "generate_s": gen_s, "build_s": fig(c["build_s"]), "read_s": fig(c["read_s"]),
              "snapshot_s": fig(c["snapshot_s"]), "rss_baseline_bytes": c["rss_baseline"],
@@ -551,8 +550,13 @@ def one_wave(mp: str, procs: int, pid: int) -> dict:
         if rc != 0 or not m or int(m.group(1)) == 0:
             fails.append(err.strip().splitlines()[0] if err.strip() else f"exit {rc}")
     return {"wall_s": wall, "rss_before": before, "hwm": max(hwm, sampler.peak),
-            "ok": len(fails) == 0 and len(set(sizes)) == 1, "errors": fails[:3],
-            "bytes": sizes[0] if sizes else 0}
+            "ok": len(fails) == 0 and len(set(sizes)) == 1, "errors": fails[:3]}
+
+
+def waves(mp: str, procs: int, pid: int, repeat: int) -> list[dict]:
+    """One warm-up wave, then ``repeat`` measured ones."""
+    one_wave(mp, procs, pid)
+    return [one_wave(mp, procs, pid) for _ in range(repeat)]
 
 
 def local_wave(path: str, procs: int) -> float:
@@ -579,34 +583,32 @@ def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str,
         rep.skip(res["skipped"])
         return res
     mp = mount.mountpoint
-    image = read_all(mp)
-    res["image_bytes"] = image
     local = os.path.join(work, "concurrency-local.elf")
     shutil.copyfile(mp, local)
+    res["image_bytes"] = image = os.path.getsize(local)
     base = local_base = None
     for procs in args.concurrency:
-        one_wave(mp, procs, mount.pid)  # warm-up
-        waves = [one_wave(mp, procs, mount.pid) for _ in range(args.repeat)]
-        wall = med([w["wall_s"] for w in waves])
-        growth = max(max(w["hwm"] - w["rss_before"], 0) for w in waves)
-        ok_all = all(w["ok"] for w in waves)
-        errs = sorted({e for w in waves for e in w["errors"]})
+        ws = waves(mp, procs, mount.pid, args.repeat)
+        wall = med([w["wall_s"] for w in ws])
+        growth = max(max(w["hwm"] - w["rss_before"], 0) for w in ws)
+        ok_all = all(w["ok"] for w in ws)
+        errs = sorted({e for w in ws for e in w["errors"]})
         base = wall if base is None else base
         local_wave(local, procs)
         lw = med([local_wave(local, procs) for _ in range(args.repeat)])
         local_base = lw if local_base is None else local_base
-        e = {"processes": procs, "wall_s": fig([w["wall_s"] for w in waves]),
+        e = {"processes": procs, "wall_s": fig([w["wall_s"] for w in ws]),
              "all_ok": ok_all, "errors": errs[:5],
-             "daemon_rss_before": waves[-1]["rss_before"], "daemon_peak_growth": growth,
-             "daemon_peak": max(w["hwm"] for w in waves), "wall_ratio": wall / base,
+             "daemon_rss_before": ws[-1]["rss_before"], "daemon_peak_growth": growth,
+             "daemon_peak": max(w["hwm"] for w in ws), "wall_ratio": wall / base,
              "growth_per_image": growth / image, "local_wall_s": lw,
              "local_wall_ratio": lw / local_base}
         res["levels"].append(e)
         last = procs == max(args.concurrency)
         okc = rep.check(f"concurrent_{procs}_all_ok", None, 0, ok_all) if last else None
-        nbad = sum(len(w["errors"]) > 0 or not w["ok"] for w in waves)
+        nbad = sum(len(w["errors"]) > 0 or not w["ok"] for w in ws)
         rep.row(f"{procs} readers: all succeed", None, "",
-                f"{len(waves) - nbad}/{len(waves)} waves ok", None,
+                f"{len(ws) - nbad}/{len(ws)} waves ok", None,
                 "all" if last else "", okc if last else (None if ok_all else False))
         if errs:
             rep.row(f"  errors: {'; '.join(errs)[:40]}", None, "")
@@ -635,9 +637,8 @@ def captured_waves(rep: Report, args, static: Mount) -> list[dict]:
     wall time is the daemon's and FUSE's own (libfuse 2: 128 KiB per request)."""
     out, base = [], None
     for procs in args.concurrency:
-        one_wave(static.mountpoint, procs, static.pid)
-        wall = med([one_wave(static.mountpoint, procs, static.pid)["wall_s"]
-                    for _ in range(args.repeat)])
+        wall = med([w["wall_s"] for w in waves(static.mountpoint, procs, static.pid,
+                                                 args.repeat)])
         base = wall if base is None else base
         out.append({"processes": procs, "wall_s": wall, "wall_ratio": wall / base})
         rep.row(f"  {procs} readers, captured-kallsyms mount", wall * 1e3, "ms",

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from ksymsfs.mount import mount_state
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import IN_CI, cli_env
 
 
 def fuse_available() -> str | None:
@@ -32,19 +31,42 @@ def fuse_available() -> str | None:
 def require_fuse() -> None:
     why = fuse_available()
     if why:
-        if os.environ.get("CI"):
+        if IN_CI:
             pytest.fail(f"FUSE tests must run in CI: {why}")
         pytest.skip(why)
 
 
+def write_sources(d: Path, modules: list[str], nkernel: int = 2000) -> tuple[Path, Path]:
+    """A small kernel plus ``modules`` (oldest first), written as /proc would show them."""
+    d.mkdir(parents=True, exist_ok=True)
+    lines = [f"{0xffffffff81000000 + 16 * i:016x} {'T' if i % 3 else 't'} kfunc_{i}\n"
+             for i in range(nkernel)]
+    mods = []
+    for k, m in reversed(list(enumerate(modules))):  # newest first, as the kernel lists
+        base = 0xffffffffc0000000 + 0x100000 * k
+        lines += [f"{base + 32 * j:016x} t {m}_fn{j}\t[{m}]\n" for j in range(20)]
+        lines.append(f"{base + 0x8000:016x} d {m}_data\t[{m}]\n")
+        mods.append(f"{m} 16384 0 - Live 0x{base:016x}\n")
+    tmp = d / "kallsyms.tmp"
+    tmp.write_text("".join(lines))
+    os.replace(tmp, d / "kallsyms")
+    tmp = d / "modules.tmp"
+    tmp.write_text("".join(mods))
+    os.replace(tmp, d / "modules")
+    return d / "kallsyms", d / "modules"
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def ksymsfs_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "ksymsfs", *args]
-
-
-def env() -> dict:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
 
 
 class Mount:
@@ -55,7 +77,7 @@ class Mount:
         self.log = path.with_suffix(".log")
         self._logf = open(self.log, "wb")
         self.proc = subprocess.Popen(ksymsfs_cmd("mount", "-f", *args, str(path)),
-                                     stdout=self._logf, stderr=subprocess.STDOUT, env=env())
+                                     stdout=self._logf, stderr=subprocess.STDOUT, env=cli_env())
         deadline = time.monotonic() + timeout
         while mount_state(str(path)) != "mounted":
             if self.proc.poll() is not None:
@@ -73,9 +95,9 @@ class Mount:
         self._logf.flush()
         return self.log.read_text(errors="replace")
 
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+    def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
@@ -84,7 +106,6 @@ class Mount:
         if mount_state(str(self.path)) != "none":
             subprocess.run(["fusermount", "-uz", str(self.path)], capture_output=True)
         self._logf.close()
-        return self.proc.returncode
 
 
 def read_all(path: str | os.PathLike) -> bytes:

@@ -52,6 +52,8 @@ def parse_input(data: bytes) -> tuple[list[Sym], list[int]]:
     the first symbol line and a type letter ksymsfs documents (letters.LETTERS, the
     kernel's nm-style set). The last line may lack its newline.
     """
+    def dec(b: bytes) -> str:
+        return b.decode("utf-8", "surrogateescape")
     syms: list[Sym] = []
     junk: list[int] = []
     lines = data.split(b"\n")
@@ -66,7 +68,6 @@ def parse_input(data: bytes) -> tuple[list[Sym], list[int]]:
         if not m or len(m["addr"]) != width or m["letter"].decode() not in LETTERS:
             junk.append(no)
             continue
-        dec = lambda b: b.decode("utf-8", "surrogateescape")  # noqa: E731
         syms.append(Sym(int(m["addr"], 16), dec(m["letter"]), dec(m["name"]),
                         dec(m["module"] or b""), dec(line), width))
     return syms, junk
@@ -76,7 +77,6 @@ def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"]
                                      if env.get("PYTHONPATH") else "")
-    env.pop("KSYMSFS_DEBUG", None)
     return env
 
 
@@ -90,8 +90,7 @@ def run_ksymsfs(*args: str | os.PathLike, timeout: float = 120,
 
 def snapshot(out: os.PathLike | str, kallsyms: os.PathLike | str | None = None,
              modules: os.PathLike | str | None = None, lenient: bool = False,
-             elfclass: str | None = None, extra: tuple[str, ...] = ()
-             ) -> subprocess.CompletedProcess:
+             elfclass: str | None = None) -> subprocess.CompletedProcess:
     """``ksymsfs snapshot [--kallsyms P] [--modules M] [--lenient] [--class C] -o OUT``."""
     args: list[str] = ["snapshot"]
     if kallsyms is not None:
@@ -102,7 +101,7 @@ def snapshot(out: os.PathLike | str, kallsyms: os.PathLike | str | None = None,
         args.append("--lenient")
     if elfclass is not None:
         args += ["--class", elfclass]
-    args += [*extra, "-o", str(out)]
+    args += ["-o", str(out)]
     return run_ksymsfs(*args)
 
 

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from ksymsfs.kallsyms import parse_kallsyms
+from ksymsfs.sources import parse_modules
+from tests.fuse_harness import require_fuse
+from tests.helpers import REPO
+
 sys.path.insert(0, str(REPO / "scripts"))
 
 import gen_kallsyms  # noqa: E402
-
-from ksymsfs.kallsyms import parse_kallsyms  # noqa: E402
-from ksymsfs.sources import parse_modules  # noqa: E402
 
 
 def _positive(d: dict, *keys: str) -> None:
@@ -27,27 +28,30 @@ def _positive(d: dict, *keys: str) -> None:
         assert isinstance(v, (int, float)) and v > 0, (k, v)
 
 
+def _run_bench(out: Path, *extra: str, timeout: float) -> tuple[dict, str]:
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick",
+                        "--json", str(out), *extra], cwd=str(REPO),
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(out.read_text()), r.stdout
+
+
 @pytest.fixture(scope="module")
 def bench_json(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick",
-                        "--json", str(out), "--no-fuse"], cwd=str(REPO),
-                       capture_output=True, text=True, timeout=55)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "SKIPPED: --no-fuse given" in r.stdout
-    return json.loads(out.read_text())
+    data, stdout = _run_bench(tmp_path_factory.mktemp("bench") / "bench.json", "--no-fuse",
+                              timeout=55)
+    assert "SKIPPED: --no-fuse given" in stdout
+    return data
 
 
 @pytest.fixture(scope="module")
 def bench_fuse_json(tmp_path_factory) -> dict:
     """--quick with the FUSE sections: a live mount and a captured-kallsyms mount."""
-    out = tmp_path_factory.mktemp("bench-fuse") / "bench.json"
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick",
-                        "--json", str(out)], cwd=str(REPO),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "SKIPPED" not in r.stdout, r.stdout
-    return json.loads(out.read_text())
+    require_fuse()
+    data, stdout = _run_bench(tmp_path_factory.mktemp("bench-fuse") / "bench.json",
+                              timeout=300)
+    assert "SKIPPED" not in stdout, stdout
+    return data
 
 
 def test_bench_fuse_sections(bench_fuse_json):

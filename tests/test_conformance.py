@@ -224,7 +224,7 @@ TOOLS = {
     "nm": ("nm",),
     "objdump": ("objdump", "-t"),
     "eu-readelf": ("eu-readelf", "-a"),
-    "llvm-readelf": ("llvm-readelf-14", "-a"),
+    "llvm-readelf": ("llvm-readelf", "-a"),
     "llvm-nm": ("llvm-nm",),
 }
 

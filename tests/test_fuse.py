@@ -20,35 +20,23 @@ import pytest
 
 from ksymsfs import KIOCGADDR, KIOCGSIZE, nlist, parse_image
 from ksymsfs.mount import mount_state
-from tests.fuse_harness import Mount, env, ksymsfs_cmd, read_all, require_fuse
+from tests.fuse_harness import (
+    Mount,
+    fd_count,
+    ksymsfs_cmd,
+    read_all,
+    require_fuse,
+    rss_kb,
+    write_sources,
+)
+from tests.helpers import IN_CI, cli_env
 
 pytestmark = pytest.mark.fuse
-DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(autouse=True)
 def _need_fuse():
     require_fuse()
-
-
-def write_sources(d: Path, modules: list[str], nkernel: int = 2000) -> tuple[Path, Path]:
-    """A small kernel plus ``modules`` (oldest first), written as /proc would show them."""
-    d.mkdir(parents=True, exist_ok=True)
-    lines = [f"{0xffffffff81000000 + 16 * i:016x} {'T' if i % 3 else 't'} kfunc_{i}\n"
-             for i in range(nkernel)]
-    mods = []
-    for k, m in reversed(list(enumerate(modules))):  # newest first, as the kernel lists
-        base = 0xffffffffc0000000 + 0x100000 * k
-        lines += [f"{base + 32 * j:016x} t {m}_fn{j}\t[{m}]\n" for j in range(20)]
-        lines.append(f"{base + 0x8000:016x} d {m}_data\t[{m}]\n")
-        mods.append(f"{m} 16384 0 - Live 0x{base:016x}\n")
-    tmp = d / "kallsyms.tmp"
-    tmp.write_text("".join(lines))
-    os.replace(tmp, d / "kallsyms")
-    tmp = d / "modules.tmp"
-    tmp.write_text("".join(mods))
-    os.replace(tmp, d / "modules")
-    return d / "kallsyms", d / "modules"
 
 
 @pytest.fixture
@@ -292,21 +280,17 @@ def test_sources_changing_during_read_give_enxio(tmp_path):
 
 
 # -- no leaks ----------------------------------------------------------------------------------
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-
 
 def test_thousand_open_read_close_cycles_do_not_leak(captured):
     m, _ = captured
     for _ in range(50):
         read_all(m.path)
-    fds0, rss0 = len(os.listdir(f"/proc/{m.pid}/fd")), _rss_kb(m.pid)
+    fds0, rss0 = fd_count(m.pid), rss_kb(m.pid)
     for _ in range(1000):
         with open(m.path, "rb") as f:
             assert f.read(4) == b"\x7fELF"
             f.read()
-    fds1, rss1 = len(os.listdir(f"/proc/{m.pid}/fd")), _rss_kb(m.pid)
+    fds1, rss1 = fd_count(m.pid), rss_kb(m.pid)
     assert fds1 <= fds0
     assert rss1 - rss0 < 20 * 1024, (rss0, rss1)
 
@@ -328,27 +312,25 @@ def test_killed_daemon_leaves_stale_mount_that_force_recovers(tmp_path):
     try:
         assert mount_state(str(mp_)) == "stale"
         r = subprocess.run(ksymsfs_cmd("mount", "--kallsyms", str(ks), str(mp_)),
-                           capture_output=True, text=True, env=env())
+                           capture_output=True, text=True, env=cli_env())
         assert r.returncode == 1
         assert "stale mount" in r.stderr and "--force" in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
         r = subprocess.run(ksymsfs_cmd("mount", "--force", "--kallsyms", str(ks),
                                        "--modules", str(mods), str(mp_)),
-                           capture_output=True, text=True, env=env())
+                           capture_output=True, text=True, env=cli_env())
         assert r.returncode == 0, r.stderr
         assert parse_image(read_all(mp_)).modules.count("alpha") == 21
-        r = subprocess.run(ksymsfs_cmd("umount", str(mp_)), capture_output=True, env=env())
+        r = subprocess.run(ksymsfs_cmd("umount", str(mp_)), capture_output=True, env=cli_env())
         assert r.returncode == 0 and mount_state(str(mp_)) == "none"
     finally:
         m.stop()
-        if mount_state(str(mp_)) != "none":
-            subprocess.run(["fusermount", "-uz", str(mp_)])
 
 
 def test_already_mounted_is_refused(captured):
     m, src = captured
     r = subprocess.run(ksymsfs_cmd("mount", "--kallsyms", str(src / "kallsyms"), str(m.path)),
-                       capture_output=True, text=True, env=env())
+                       capture_output=True, text=True, env=cli_env())
     assert r.returncode == 1 and "already mounted" in r.stderr
 
 
@@ -365,11 +347,11 @@ def test_daemon_mode_and_mount_fuse_form(tmp_path):
     mp_ = tmp_path / "ksyms"
     r = subprocess.run(ksymsfs_cmd("ksymsfs", str(mp_), "-o",
                                    f"ro,nosuid,kallsyms={ks},modules={mods}"),
-                       capture_output=True, text=True, env=env(), timeout=60)
+                       capture_output=True, text=True, env=cli_env(), timeout=60)
     try:
         _assert_serves_alpha(r, mp_)
     finally:
-        subprocess.run(ksymsfs_cmd("umount", str(mp_)), env=env())
+        subprocess.run(ksymsfs_cmd("umount", str(mp_)), env=cli_env())
     assert mount_state(str(mp_)) == "none"
 
 
@@ -381,7 +363,7 @@ def test_mount_fuse_helper_protocol(tmp_path):
     ks, mods = write_sources(tmp_path / "src", ["alpha"])
     mp_ = tmp_path / "ksyms"
     mp_.touch()
-    e = env()
+    e = cli_env()
     shim = tmp_path / "bin"
     shim.mkdir()
     (shim / "ksymsfs").write_text(f"#!/bin/sh\nexec {sys.executable} -m ksymsfs \"$@\"\n")
@@ -393,7 +375,7 @@ def test_mount_fuse_helper_protocol(tmp_path):
     try:
         _assert_serves_alpha(r, mp_)
     finally:
-        subprocess.run(ksymsfs_cmd("umount", str(mp_)), env=env())
+        subprocess.run(ksymsfs_cmd("umount", str(mp_)), env=cli_env())
     assert mount_state(str(mp_)) == "none"
 
 
@@ -422,7 +404,7 @@ def test_fstab_line_mounts_through_mount8(tmp_path):
     """`ksymsfs /dev/ksyms fuse.ksymsfs ro 0 0` in an fstab, mounted by mount(8)."""
     helper = Path("/usr/sbin/mount.fuse.ksymsfs")
     if not helper.exists():
-        if os.environ.get("CI"):
+        if IN_CI:
             pytest.fail("make install-mount-helper did not run")
         pytest.skip("mount helper not installed (make install-mount-helper)")
     ks, mods = write_sources(tmp_path / "src", ["alpha"])

@@ -76,6 +76,13 @@ def test_device_zeroes_addresses_by_policy(tmp_path, kptr, paranoid, capeff, rea
     assert dev.open_count() == 0
 
 
+def _become(user) -> None:
+    """Drop root for good: this process becomes ``user`` (a pwd entry)."""
+    os.setgroups([])
+    os.setgid(user.pw_gid)
+    os.setuid(user.pw_uid)
+
+
 def test_images_for_different_policies_are_never_shared(tmp_path):
     ks = tmp_path / "kallsyms"
     ks.write_text(KS)
@@ -104,9 +111,7 @@ def _as_nobody(path: str) -> tuple[int, bytes]:
     if pid == 0:
         os.close(r)
         try:
-            os.setgroups([])
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
+            _become(nobody)
             with open(path, "rb") as f:
                 data = f.read()
             os.write(w, b"OK" + data)
@@ -197,9 +202,7 @@ def _cli_as_nobody(args: list[str], workdir: Path) -> tuple[int, str]:
     if pid == 0:
         code = 99
         try:
-            os.setgroups([])
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
+            _become(nobody)
             fd = os.open(err, os.O_WRONLY | os.O_CREAT, 0o666)
             os.dup2(fd, 2)
             sys.stderr = os.fdopen(fd, "w")
@@ -227,9 +230,7 @@ def _nobody_mmap(path: str, q):
     import mmap
     nobody = pwd.getpwnam("nobody")
     try:
-        os.setgroups([])
-        os.setgid(nobody.pw_gid)
-        os.setuid(nobody.pw_uid)
+        _become(nobody)
         fd = os.open(path, os.O_RDONLY)
         m = mmap.mmap(fd, 0, mmap.MAP_PRIVATE, mmap.PROT_READ)
         data = bytes(m)

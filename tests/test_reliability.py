@@ -18,8 +18,7 @@ from ksymsfs.builder import build_image
 from ksymsfs.elfdefs import make_target
 from ksymsfs.mount import mount_state
 from ksymsfs.sources import Sources, take_snapshot
-from tests.fuse_harness import Mount, require_fuse
-from tests.test_fuse import write_sources
+from tests.fuse_harness import Mount, fd_count, require_fuse, rss_kb, write_sources
 
 
 def _state_modules(k: int) -> list[str]:
@@ -46,6 +45,7 @@ def _churner(d: Path, stop: threading.Event, period: float):
         time.sleep(period)
 
 
+@pytest.mark.slow
 def test_thousand_snapshots_under_churn_are_never_mixed(tmp_path):
     d = tmp_path / "src"
     write_sources(d, ["base", "churn0"])
@@ -216,10 +216,6 @@ def _threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:"))
-
 
 @pytest.mark.slow
 @pytest.mark.fuse
@@ -237,7 +233,7 @@ def test_soak_16_processes_60s(tmp_path):
             q.get(timeout=60)
         for p in warm:
             p.join(10)
-        rss0, fds0, thr0 = _rss_kb(m.pid), len(os.listdir(f"/proc/{m.pid}/fd")), _threads(m.pid)
+        rss0, fds0, thr0 = rss_kb(m.pid), fd_count(m.pid), _threads(m.pid)
         procs = [ctx.Process(target=_reader_loop, args=(str(m.path), q, seconds))
                  for _ in range(16)]
         for p in procs:
@@ -246,7 +242,7 @@ def test_soak_16_processes_60s(tmp_path):
         for p in procs:
             p.join(10)
         time.sleep(0.5)
-        rss1, fds1, thr1 = _rss_kb(m.pid), len(os.listdir(f"/proc/{m.pid}/fd")), _threads(m.pid)
+        rss1, fds1, thr1 = rss_kb(m.pid), fd_count(m.pid), _threads(m.pid)
         cycles = sum(c for c, _ in results)
         errors = {}
         for _, e in results:
