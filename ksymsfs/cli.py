@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import sys
-import tempfile
 
 from . import __version__
-from .elfdefs import ELFCLASS32, ELFCLASS64
 from .errors import ConfigError, KsymsError
-from .sources import Sources
+from .options import ELFCLASS_OF, sources_from_args
 
 log = logging.getLogger("ksymsfs")
 COMMANDS = ("snapshot", "nlist", "lookup", "dump", "mount", "umount")
@@ -30,29 +29,12 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
                         "instead of failing on them")
 
 
-ELFCLASS_OF = {None: None, "32": ELFCLASS32, "64": ELFCLASS64}  # --class -> EI_CLASS
-
-
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ELF target (default: this machine)")
     g.add_argument("--arch", help="x86_64, i386, aarch64, arm, mips, mipsel, riscv64, ...")
     g.add_argument("--class", dest="elfclass", choices=("32", "64"),
                    help="ELF class (default: from the address width)")
     g.add_argument("--endian", choices=("little", "big"))
-
-
-def sources_from_args(a: argparse.Namespace) -> Sources:
-    """Live defaults; a captured --kallsyms only gets the module list it is given."""
-    if a.kallsyms is None:
-        src = Sources.live()
-        if a.modules:
-            src.modules, src.modules_optional = a.modules, False
-        if a.sections:
-            src.sections = a.sections
-    else:
-        src = Sources(a.kallsyms, a.modules, a.sections, modules_optional=False)
-    src.lenient = a.lenient
-    return src
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,17 +79,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename: never a partial output."""
+    """Write to a temporary file beside ``path`` and rename: never a partial output. The
+    file is created 0666 minus the umask, as a shell redirection would create it."""
     if path == "-":
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".ksymsfs-", dir=d)
+    tmp = os.path.join(d, f".ksymsfs-{os.getpid()}-{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -13,6 +13,7 @@ import time
 
 from .device import Device
 from .errors import ConfigError, KsymsError
+from .options import ELFCLASS_OF, sources_from_args
 
 log = logging.getLogger("ksymsfs")
 IGNORED_OPTIONS = {"ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto",
@@ -105,8 +106,6 @@ def _prepare_mountpoint(a: argparse.Namespace) -> None:
 
 
 def _make_device(a: argparse.Namespace) -> Device:
-    from .cli import ELFCLASS_OF, sources_from_args
-
     return Device(sources_from_args(a), arch=a.arch, elfclass=ELFCLASS_OF[a.elfclass],
                   endian=a.endian, max_open=a.max_open, sysctl_dir=a.sysctl_dir)
 

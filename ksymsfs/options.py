@@ -1,0 +1,24 @@
+"""Parsed options -> the objects below the CLI (sources, ELF class); shared by cli and mount."""
+
+from __future__ import annotations
+
+import argparse
+
+from .elfdefs import ELFCLASS32, ELFCLASS64
+from .sources import Sources
+
+ELFCLASS_OF = {None: None, "32": ELFCLASS32, "64": ELFCLASS64}  # --class -> EI_CLASS
+
+
+def sources_from_args(a: argparse.Namespace) -> Sources:
+    """Live defaults; a captured --kallsyms only gets the module list it is given."""
+    if a.kallsyms is None:
+        src = Sources.live()
+        if a.modules:
+            src.modules, src.modules_optional = a.modules, False
+        if a.sections:
+            src.sections = a.sections
+    else:
+        src = Sources(a.kallsyms, a.modules, a.sections, modules_optional=False)
+    src.lenient = a.lenient
+    return src
