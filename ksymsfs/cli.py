@@ -10,7 +10,7 @@ import sys
 
 from . import __version__
 from .errors import ConfigError, KsymsError
-from .options import ELFCLASS_OF, sources_from_args
+from .options import ELFCLASS_OF, positive_int, sources_from_args
 
 log = logging.getLogger("ksymsfs")
 COMMANDS = ("snapshot", "nlist", "lookup", "dump", "mount", "umount")
@@ -35,6 +35,20 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--class", dest="elfclass", choices=("32", "64"),
                    help="ELF class (default: from the address width)")
     g.add_argument("--endian", choices=("little", "big"))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        return positive_int("--max-open", text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_run_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", metavar="DIR",
+                   help="where mount and umount keep per-mount-point locks and the record "
+                        "of files a mount created (default /run/ksymsfs as root, "
+                        "$XDG_RUNTIME_DIR/ksymsfs otherwise)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,15 +80,19 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-other", action="store_true",
                    help="let other users open it; each gets addresses only if the kernel "
                         "would show them (kallsyms_show_value)")
-    m.add_argument("--max-open", type=int, default=64, metavar="N",
+    m.add_argument("--max-open", type=_positive_int, default=64, metavar="N",
                    help="concurrent open snapshots before opens fail with ENOMEM (default 64)")
     m.add_argument("--sysctl-dir", default="/proc/sys/kernel", metavar="DIR",
                    help="where kptr_restrict and perf_event_paranoid are read (tests)")
     m.add_argument("--force", action="store_true",
                    help="lazily unmount a stale mount at MOUNTPOINT first")
     m.add_argument("-o", dest="options", metavar="OPTS", help="comma-separated mount options")
-    u = sub.add_parser("umount", help="unmount a ksyms device")
+    m.add_argument("--log-socket", metavar="PATH",
+                   help="syslog socket the daemon logs to (default /dev/log)")
+    _add_run_dir_arg(m)
+    u = sub.add_parser("umount", help="unmount a ksyms device (only a ksymsfs mount)")
     u.add_argument("mountpoint")
+    _add_run_dir_arg(u)
     return p
 
 
@@ -168,7 +186,7 @@ def cmd_mount(a: argparse.Namespace) -> int:
 def cmd_umount(a: argparse.Namespace) -> int:
     from .mount import run_umount
 
-    return run_umount(a.mountpoint)
+    return run_umount(a)
 
 
 def _mount_fuse_form(argv: list[str]) -> list[str]:
@@ -181,8 +199,8 @@ def _mount_fuse_form(argv: list[str]) -> list[str]:
                 rest.pop(0)
             elif arg not in ("-n", "-s", "-v"):
                 keep.append(arg)
-        extra = ["--kallsyms", source] if os.path.isfile(source) else []
-        return ["mount", *extra, *keep]
+        del source  # a label only: a kallsyms file comes from -o kallsyms=PATH, never SOURCE
+        return ["mount", *keep]
     return argv
 
 

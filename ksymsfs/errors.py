@@ -53,3 +53,10 @@ class SourceError(KsymsError):
 
     exit_status = 1
     errno = errno.ENXIO
+
+
+class MountPointError(KsymsError):
+    """A path that must not be mounted on or unmounted (wrong file type, a foreign mount)."""
+
+    exit_status = 2
+    errno = errno.EINVAL

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .elfdefs import ELFCLASS32, ELFCLASS64
+from .errors import ConfigError
 from .sources import Sources
 
 ELFCLASS_OF = {None: None, "32": ELFCLASS32, "64": ELFCLASS64}  # --class -> EI_CLASS
@@ -22,3 +23,14 @@ def sources_from_args(a: argparse.Namespace) -> Sources:
         src = Sources(a.kallsyms, a.modules, a.sections, modules_optional=False)
     src.lenient = a.lenient
     return src
+
+
+def positive_int(what: str, text: str) -> int:
+    """``text`` as an integer >= 1, or a ConfigError naming the option."""
+    try:
+        n = int(text, 10)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"{what}: {text!r} is not a whole number of at least 1")
+    return n
