@@ -40,8 +40,9 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
 def _positive_int(text: str) -> int:
     try:
         return positive_int("--max-open", text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1"
+                                         ) from None
 
 
 def _add_run_dir_arg(p: argparse.ArgumentParser) -> None:

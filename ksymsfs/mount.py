@@ -182,6 +182,7 @@ class _Daemon:
                     null = os.open(os.devnull, os.O_WRONLY)
                     os.dup2(null, 2)
                     os.close(null)
+                log.info("serving %s (%d byte snapshot)", self.path, self.dev.latest_size)
                 return
 
     def serve(self) -> int:
@@ -190,7 +191,6 @@ class _Daemon:
         stop = threading.Event()
         watcher = threading.Thread(target=self._watch, args=(stop,), daemon=True)
         watcher.start()
-        log.info("serving %s (%d byte snapshot)", self.path, self.dev.latest_size)
         try:
             serve(self.dev, self.path, allow_other=self.a.allow_other, debug=self.a.debug,
                   uid=os.getuid(), gid=os.getgid())
