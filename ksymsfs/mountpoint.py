@@ -167,6 +167,9 @@ def create_or_adopt(path: str, run_dir: str | None) -> Created | None:
         st = os.fstat(fd)
         os.close(fd)
         rec = Created(path, st.st_dev, st.st_ino, "")
+    elif os.lstat(path).st_size:
+        raise MountPointError(f"{path}: is a non-empty file: a mount would hide its content; "
+                              "use an empty or absent path")
     else:
         rec = _read_record(run_dir, path)
         if rec is None or not _same_file(rec):

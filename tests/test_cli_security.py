@@ -6,20 +6,22 @@ from __future__ import annotations
 import ast
 import errno
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from ksymsfs import nlist, parse_image
+from ksymsfs import nlist
 from ksymsfs.mount import mount_state
 from tests.fuse_harness import Mount, ksymsfs_cmd, read_all, require_fuse, write_sources
-from tests.helpers import REPO, cli_env, run_ksymsfs
+from tests.helpers import IN_CI, REPO, cli_env, run_ksymsfs
 
 PKG = REPO / "ksymsfs"
 
@@ -214,3 +216,201 @@ def test_umount_refuses_a_busy_tmpfs(tmp_path):
     finally:
         subprocess.run(["umount", "-l", str(d)])
     assert (tmp_path / "tmpfs").is_dir() and mount_state(str(d)) == "none"
+
+
+# -- nothing left behind (issue 12 item 4) -----------------------------------------------------
+def test_mount_then_umount_leaves_no_file_and_keeps_a_preexisting_one(tmp_path, src):
+    mp_ = tmp_path / "ksyms"
+    for _ in range(2):
+        assert _ks(tmp_path, ["mount", *src, mp_]).returncode == 0
+        assert _serves_alpha(mp_)
+        assert _ks(tmp_path, ["umount", mp_]).returncode == 0
+        assert not mp_.exists()
+    mp_.touch()
+    ino = mp_.stat().st_ino
+    assert _ks(tmp_path, ["mount", *src, mp_]).returncode == 0
+    assert _ks(tmp_path, ["umount", mp_]).returncode == 0
+    assert mp_.stat().st_ino == ino and mp_.stat().st_size == 0
+    mp_.write_bytes(b"mine")  # a mount would hide it (libfuse 2 refuses it too)
+    r = _ks(tmp_path, ["mount", *src, mp_])
+    assert r.returncode == 2 and "non-empty file" in _one_line(r.stderr)
+    assert mp_.read_bytes() == b"mine" and mp_.stat().st_ino == ino
+
+
+@pytest.mark.parametrize("foreground", [False, True], ids=["daemon", "fg"])
+def test_failed_mount_leaves_no_file(tmp_path, src, foreground):
+    bad = tmp_path / "bad"
+    bad.write_text("ffffffff81000000 T ok\nthis is not a kallsyms line\n")
+    fg = ["-f"] if foreground else []
+    for args in (["--kallsyms", tmp_path / "missing"], ["--kallsyms", bad],
+                 ["-o", "max_open=abc"]):
+        mp_ = tmp_path / "ksyms"
+        r = _ks(tmp_path, ["mount", *fg, *args, mp_])
+        assert r.returncode in (1, 2), r.stderr
+        _one_line(r.stderr)
+        assert not os.path.lexists(mp_), args
+        assert mount_state(str(mp_)) == "none"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=lambda s: s.name)
+def test_signal_unmounts_and_removes_the_created_file(tmp_path, src, sig):
+    mp_ = tmp_path / "ksyms"
+    m = Mount(mp_, *map(str, src))
+    assert mp_.exists()
+    m.proc.send_signal(sig)
+    assert m.proc.wait(20) == 0
+    m.stop()
+    assert mount_state(str(mp_)) == "none" and not mp_.exists()
+
+
+def _daemon_pid(out: str) -> int:
+    return int(out.rsplit("daemon pid ", 1)[1].split(")")[0])
+
+
+def test_sigterm_to_a_background_daemon_removes_the_file(tmp_path, src):
+    mp_ = tmp_path / "ksyms"
+    r = _ks(tmp_path, ["mount", *src, mp_])
+    assert r.returncode == 0, r.stderr
+    pid = _daemon_pid(r.stdout)
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(1000):
+        if not os.path.exists(f"/proc/{pid}"):
+            break
+        time.sleep(0.02)
+    assert mount_state(str(mp_)) == "none" and not mp_.exists()
+
+
+def test_umount_immediately_followed_by_mount_never_races(tmp_path, src):
+    mp_ = tmp_path / "ksyms"
+    for i in range(30):
+        r = _ks(tmp_path, ["mount", *src, mp_])
+        assert r.returncode == 0, (i, r.stderr)
+        assert mount_state(str(mp_)) == "mounted"
+        r = _ks(tmp_path, ["umount", mp_])
+        assert r.returncode == 0, (i, r.stderr)
+    time.sleep(0.5)  # let the last daemons finish their own cleanup: it must not misfire
+    assert not mp_.exists()
+    r = _ks(tmp_path, ["mount", *src, mp_])
+    assert r.returncode == 0 and _serves_alpha(mp_)
+    assert _ks(tmp_path, ["umount", mp_]).returncode == 0 and not mp_.exists()
+
+
+# -- daemon hygiene (issue 11 item 11) ---------------------------------------------------------
+def test_daemon_closes_inherited_fds_chdirs_to_root_and_logs_to_syslog(tmp_path, src):
+    sock_path = tmp_path / "log.sock"
+    log_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    log_sock.bind(str(sock_path))
+    log_sock.settimeout(20)
+    rfd, wfd = os.pipe()
+    mp_ = tmp_path / "ksyms"
+    try:
+        r = subprocess.run(ksymsfs_cmd("mount", *map(str, src), "--log-socket", str(sock_path),
+                                       str(mp_)),
+                           capture_output=True, text=True, env=cli_env(), cwd=str(tmp_path),
+                           pass_fds=(wfd,), timeout=60)
+        os.close(wfd)
+        assert r.returncode == 0, r.stderr
+        pid = _daemon_pid(r.stdout)
+        assert os.read(rfd, 1) == b""  # EOF: the daemon holds no copy of the pipe
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+        fds = {int(f): os.readlink(f"/proc/{pid}/fd/{f}") for f in os.listdir(f"/proc/{pid}/fd")}
+        assert {fds[0], fds[1], fds[2]} == {"/dev/null"}
+        assert [t for f, t in fds.items() if f > 2 and t not in ("/dev/fuse",)
+                and not t.startswith("socket:")] == []
+        msg = log_sock.recv(4096).decode()
+        assert f"ksymsfs[{pid}]: serving {mp_}" in msg and msg.startswith("<")
+        assert _serves_alpha(mp_)
+    finally:
+        os.close(rfd)
+        _ks(tmp_path, ["umount", mp_])
+        log_sock.close()
+
+
+@pytest.mark.parametrize("opt", [["--max-open", "0"], ["--max-open", "-5"],
+                                 ["--max-open", "x"], ["-o", "max_open=abc"],
+                                 ["-o", "max_open=0"], ["-o", "kallsyms="], ["-o", "bogus"]])
+def test_bad_mount_options_are_one_line_exit_2(tmp_path, src, opt):
+    mp_ = tmp_path / "ksyms"
+    r = _ks(tmp_path, ["mount", "-f", *src, *opt, mp_])
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in r.stderr and ("max" in err or "option" in err), r.stderr
+    assert not mp_.exists()
+
+
+def test_foreground_fuse_failure_is_one_line_without_traceback(tmp_path, src):
+    """As nobody with --allow-other (no user_allow_other in /etc/fuse.conf; on this machine
+    /dev/fuse is root-only, which fails first): libfuse says why on its own line, we add
+    one line, no traceback, no file left."""
+    conf = Path("/etc/fuse.conf")
+    text = conf.read_text(errors="replace") if conf.exists() else ""
+    if any(ln.strip() == "user_allow_other" for ln in text.splitlines()):
+        if IN_CI:
+            pytest.fail("user_allow_other is set in /etc/fuse.conf on this CI machine")
+        pytest.skip("user_allow_other is set in /etc/fuse.conf")
+    import ksymsfs.fusefs  # noqa: F401  imported while still root (nobody may not read it)
+    from ksymsfs.cli import cli
+
+    d = Path(tempfile.mkdtemp(prefix="ksymsfs-test-", dir="/tmp"))
+    try:
+        os.chmod(d, 0o777)
+        ks, mods = write_sources(d / "src", ["alpha"])
+        for p in (d / "src", ks, mods):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        err = d / "stderr"
+        pid = os.fork()
+        if pid == 0:
+            code = 99
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                fd = os.open(err, os.O_WRONLY | os.O_CREAT, 0o666)
+                os.dup2(fd, 2)
+                sys.stderr = os.fdopen(fd, "w")
+                code = cli(["mount", "-f", "--allow-other", "--kallsyms", str(ks),
+                            "--modules", str(mods), str(d / "ksyms")])
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        text = err.read_text()
+        assert code == 1, text
+        assert "Traceback" not in text and "fuse" in text.splitlines()[0]
+        ours = [ln for ln in text.splitlines() if ln.startswith("ksymsfs:")]
+        assert len(ours) == 1 and "FUSE mount failed" in ours[0], text
+        assert not (d / "ksyms").exists()
+    finally:
+        subprocess.run(["fusermount", "-uz", str(d / "ksyms")], capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_opener_of_a_daemon_killed_mid_build_gets_econnaborted(tmp_path):
+    """What a killed daemon looks like: the open in flight fails with ECONNABORTED, every
+    later open or stat with ENOTCONN (measured; README 'Reliability')."""
+    require_fuse()
+    ks, mods = write_sources(tmp_path / "src", [], nkernel=400000)
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+    try:
+        write_sources(tmp_path / "src", ["x"], nkernel=400001)  # the next open rebuilds
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.open(m.path, os.O_RDONLY)
+                os._exit(0)
+            except OSError as e:
+                os._exit(e.errno)
+        for _ in range(2000):  # until the opener waits in the kernel for our answer
+            if Path(f"/proc/{pid}/wchan").read_text() == "request_wait_answer":
+                break
+            time.sleep(0.002)
+        m.proc.kill()
+        m.proc.wait(10)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == errno.ECONNABORTED
+        for op in (lambda: os.open(m.path, os.O_RDONLY), lambda: os.stat(m.path)):
+            with pytest.raises(OSError) as e:
+                op()
+            assert e.value.errno == errno.ENOTCONN
+    finally:
+        m.stop()
