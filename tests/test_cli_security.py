@@ -52,7 +52,7 @@ def test_nothing_below_the_cli_imports_it():
 
 
 # -- files honour the umask (issue 11 item 6) ----------------------------------------------
-@pytest.mark.parametrize("umask", [0o077, 0o022, 0o002])
+@pytest.mark.parametrize("umask", [0o077, 0o022, 0o002], ids=lambda u: f"{u:03o}")
 def test_output_files_honour_the_umask(tmp_path, umask):
     ks, mods = write_sources(tmp_path / "src", ["alpha"], nkernel=50)
     img, txt = tmp_path / "img.elf", tmp_path / "dump.txt"
