@@ -218,6 +218,8 @@ class _Daemon:
 
     def start(self) -> int:
         """Fork the daemon; return once it has mounted (or say why it could not)."""
+        from . import fusefs  # noqa: F401  import errors are told here, not in the daemon
+
         sock = self.a.log_socket or SYSLOG_SOCKET
         if not os.path.exists(sock):
             log.warning("no %s (no syslog or journal here): the daemon's log is discarded; "
