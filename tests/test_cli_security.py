@@ -414,3 +414,20 @@ def test_opener_of_a_daemon_killed_mid_build_gets_econnaborted(tmp_path):
             assert e.value.errno == errno.ENOTCONN
     finally:
         m.stop()
+
+
+def test_force_after_kill_adopts_the_created_file_and_umount_removes_it(tmp_path, src):
+    mp_ = tmp_path / "ksyms"
+    r = _ks(tmp_path, ["mount", *src, mp_])
+    assert r.returncode == 0, r.stderr
+    os.kill(_daemon_pid(r.stdout), signal.SIGKILL)
+    for _ in range(500):
+        if mount_state(str(mp_)) == "stale":
+            break
+        time.sleep(0.02)
+    assert mount_state(str(mp_)) == "stale"
+    r = _ks(tmp_path, ["mount", "--force", *src, mp_])
+    assert r.returncode == 0, r.stderr
+    assert _serves_alpha(mp_)
+    assert _ks(tmp_path, ["umount", mp_]).returncode == 0
+    assert mount_state(str(mp_)) == "none" and not mp_.exists()
