@@ -370,7 +370,8 @@ def test_foreground_fuse_failure_is_one_line_without_traceback(tmp_path, src):
                 os.dup2(fd, 2)
                 sys.stderr = os.fdopen(fd, "w")
                 code = cli(["mount", "-f", "--allow-other", "--kallsyms", str(ks),
-                            "--modules", str(mods), str(d / "ksyms")])
+                            "--modules", str(mods), "--run-dir", str(d / "run"),
+                            str(d / "ksyms")])
             finally:
                 sys.stderr.flush()
                 os._exit(code)
