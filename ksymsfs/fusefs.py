@@ -10,7 +10,7 @@ import time
 
 from fuse import FUSE, FuseOSError, Operations, fuse_file_info, fuse_get_context
 
-from .device import Device
+from .device import Device, redact
 from .errors import KsymsError
 
 log = logging.getLogger(__name__)
@@ -43,16 +43,15 @@ class KsymsOperations(Operations):
         except Exception as e:  # noqa: BLE001  every failure becomes an errno, logged
             err = _errno_of(e)
             (log.debug if isinstance(e, KsymsError) else log.exception)(
-                "%s failed: %s (errno %s)", op, e, errno.errorcode.get(err, err))
+                "%s failed: %s (errno %s)", op, redact(str(e)), errno.errorcode.get(err, err))
             raise FuseOSError(err) from None
 
     def getattr(self, path: str, fh: object = None) -> dict:
         if path != "/":
             raise FuseOSError(errno.ENOENT)
-        _uid, _gid, pid = fuse_get_context()
         t = int(self.device.mtime * 1e9)
         return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_uid": self.uid,
-                "st_gid": self.gid, "st_size": self.device.size_for(pid),
+                "st_gid": self.gid, "st_size": self.device.served_size,
                 "st_atime": t, "st_mtime": t, "st_ctime": t, "st_blksize": 4096}
 
     def open(self, path: str, fi: fuse_file_info) -> int:
@@ -120,19 +119,29 @@ def _tame_malloc(device: Device) -> None:
         pass
 
 
+def copy_out(buf: object, image: bytes, served: int, size: int, offset: int) -> int:
+    """Copy ``image[offset:offset+size]``, then zeros up to ``served``, into ``buf``."""
+    n = max(0, min(size, served - offset))
+    k = max(0, min(n, len(image) - offset))
+    dst = ctypes.cast(buf, ctypes.c_void_p).value
+    if k:
+        base = ctypes.cast(ctypes.c_char_p(image), ctypes.c_void_p).value
+        ctypes.memmove(dst, base + offset, k)
+    if n > k:
+        ctypes.memset(dst + k, 0, n - k)
+    return n
+
+
 class _ZeroCopyFUSE(FUSE):
     """fusepy's read copies twice (slice, then memmove); copy once, GIL released."""
 
     def read(self, path: bytes, buf: int, size: int, offset: int, fip: object) -> int:
+        dev = self.operations.device
         try:
-            image = self.operations.device.image_of(fip.contents.fh)
+            image = dev.image_of(fip.contents.fh)
         except KsymsError as e:
             return -e.errno
-        n = max(0, min(size, len(image) - offset))
-        if n:
-            base = ctypes.cast(ctypes.c_char_p(image), ctypes.c_void_p).value
-            ctypes.memmove(buf, base + offset, n)
-        return n
+        return copy_out(buf, image, dev.served_size, size, offset)
 
 
 def serve(device: Device, mountpoint: str, *, allow_other: bool = False, debug: bool = False,

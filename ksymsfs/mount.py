@@ -108,7 +108,8 @@ def _make_device(a: argparse.Namespace) -> Device:
     from .cli import ELFCLASS_OF, sources_from_args
 
     return Device(sources_from_args(a), arch=a.arch, elfclass=ELFCLASS_OF[a.elfclass],
-                  endian=a.endian, max_open=a.max_open, sysctl_dir=a.sysctl_dir)
+                  endian=a.endian, max_open=a.max_open, sysctl_dir=a.sysctl_dir,
+                  max_memory=a.max_memory << 20, max_pending=a.max_pending)
 
 
 def run_mount(a: argparse.Namespace) -> int:

@@ -35,8 +35,16 @@ def test_unreadable_sysctls_count_as_most_restrictive(tmp_path):
     assert read_sysctls(str(tmp_path)) == Sysctls(2, 3)
 
 
-def fake_proc(root: Path, pid: int, tgid: int, uid: int, capeff: int, kptr=0, paranoid=2):
-    (root / str(pid)).mkdir(parents=True, exist_ok=True)
+INIT_NS = "user:[4026531837]"
+
+
+def fake_proc(root: Path, pid: int, tgid: int, uid: int, capeff: int, kptr=0, paranoid=2,
+              userns: str = INIT_NS):
+    """A procfs tree: ``pid``'s status and ns/user, the reader's own (``self``) in INIT_NS."""
+    for p, ns in ((str(pid), userns), ("self", INIT_NS)):
+        (root / p / "ns").mkdir(parents=True, exist_ok=True)
+        if not (root / p / "ns" / "user").is_symlink():
+            os.symlink(ns, root / p / "ns" / "user")
     (root / str(pid) / "status").write_text(
         f"Name:\tx\nTgid:\t{tgid}\nPid:\t{pid}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
         f"CapEff:\t{capeff:016x}\n")
