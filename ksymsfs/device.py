@@ -260,8 +260,8 @@ class Device:
             # mmap goes through the file's one page cache, whoever filled it: never let an
             # opener who may not see addresses share it with one who may
             return (errno.EBUSY, "held by a process with other address rights (one page "
-                    "cache)", show)   # only the privileged wait: they go first
-        if not show and self._priv_waiting:
+                    "cache)", True)
+        if not show and self._priv_waiting:  # privileged openers go first
             return errno.EBUSY, "a process that may see addresses is waiting", False
         if len(self._handles) >= self.max_open:
             return errno.ENOMEM, f"{self.max_open} snapshots already open (--max-open)", False

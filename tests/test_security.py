@@ -1,0 +1,225 @@
+"""Hostile local users (issue 11): no address leak, no crashed readers, no hangs, no lockout."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import itertools
+import mmap
+import os
+import pickle
+import pwd
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ksymsfs import KIOCGSIZE, parse_image
+from ksymsfs.device import SIZE_BUCKET
+from tests.fuse_harness import Mount, require_fuse, write_sources
+
+pytestmark = pytest.mark.fuse
+CLONE_NEWUSER = 0x10000000
+NOBODY = pwd.getpwnam("nobody")
+
+
+@pytest.fixture(autouse=True)
+def _need_fuse():
+    require_fuse()
+
+
+@pytest.fixture
+def public_dir():
+    """A directory every user can traverse (pytest's tmp_path is root-only)."""
+    d = Path(tempfile.mkdtemp(prefix="ksymsfs-sec-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+# -- running a step list in a forked child -------------------------------------------------
+def in_child(fn: Callable[[], object], timeout: float = 60) -> object:
+    """``fn()`` in a forked child; its result (or the OSError it raised) comes back."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            out: object = ("ok", fn())
+        except OSError as e:
+            out = ("oserror", e.errno)
+        except BaseException as e:  # noqa: BLE001
+            out = ("error", repr(e))
+        os.write(w, pickle.dumps(out))
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert data, f"child died: status {status}"
+    kind, val = pickle.loads(data)
+    if kind == "error":
+        raise AssertionError(f"child failed: {val}")
+    return OSError(val, os.strerror(val)) if kind == "oserror" else val
+
+
+def become_nobody() -> None:
+    os.setgroups([])
+    os.setgid(NOBODY.pw_gid)
+    os.setuid(NOBODY.pw_uid)
+    # a uid change makes the process non-dumpable: its /proc/self would stay root's and
+    # it could not write its own uid_map
+    ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+
+
+def enter_userns() -> None:
+    """unshare(CLONE_NEWUSER) and map our uid/gid to 0 inside (``unshare -U -r``)."""
+    uid, gid = os.geteuid(), os.getegid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWUSER) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    Path("/proc/self/setgroups").write_text("deny")
+    Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
+    Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+
+
+def device_shows(path: str) -> bool:
+    """Open, read and parse the device: does the image hold any non-zero address?"""
+    with open(path, "rb") as f:
+        return bool(parse_image(f.read()).syms["st_value"].any())
+
+
+def kernel_shows() -> bool:
+    """Does the kernel's own /proc/kallsyms give this process real addresses?"""
+    with open("/proc/kallsyms", "rb") as f:
+        lines = list(itertools.islice(f, 2000))
+    return any(int(line.split()[0], 16) for line in lines)
+
+
+OPENERS: dict[str, list[Callable[[], None]]] = {
+    "root": [],
+    "nobody": [become_nobody],
+    "nobody in userns": [become_nobody, enter_userns],
+    "nobody in nested userns": [become_nobody, enter_userns, enter_userns],
+    "root in userns": [enter_userns],
+    "root in nested userns": [enter_userns, enter_userns],
+}
+
+
+def as_opener(steps: list[Callable[[], None]], path: str) -> tuple[bool, bool]:
+    def run() -> tuple[bool, bool]:
+        for step in steps:
+            step()
+        return device_shows(path), kernel_shows()
+    out = in_child(run)
+    assert not isinstance(out, OSError), out
+    return out
+
+
+def test_user_namespaces_get_what_the_kernel_gives(public_dir):
+    """CAP_SYSLOG counts only in the initial user namespace: unshare -U -r (CapEff full
+    inside) gets zeros, from the kernel and from the device alike."""
+    m = Mount(public_dir / "ksyms", "--allow-other")
+    try:
+        seen = {name: as_opener(steps, str(m.path)) for name, steps in OPENERS.items()}
+    finally:
+        m.stop()
+    print(seen)
+    for name, (dev, kern) in seen.items():
+        assert dev == kern, f"{name}: device shows {dev}, kernel shows {kern}"
+    assert seen["root"] == (True, True)
+    if int(Path("/proc/sys/kernel/perf_event_paranoid").read_text()) > 1:
+        assert not any(d for name, (d, _) in seen.items() if name != "root")
+
+
+def _expected(kptr: int, paranoid: int, cap_syslog: bool) -> bool:
+    return (kptr == 0 and paranoid <= 1) or (kptr <= 1 and cap_syslog)
+
+
+def test_every_sysctl_setting_for_every_opener(public_dir):
+    """kptr_restrict 0/1/2 x perf_event_paranoid -1/1/2/3 for root, nobody and root in a
+    user namespace (which has no CAP_SYSLOG in the initial one)."""
+    sysctl = public_dir / "sysctl"
+    sysctl.mkdir()
+    ks, mods = write_sources(public_dir / "src", ["alpha"])
+    os.chmod(public_dir / "src", 0o755)
+    m = Mount(public_dir / "ksyms", "--allow-other", "--sysctl-dir", str(sysctl),
+              "--kallsyms", str(ks), "--modules", str(mods))
+    who = {"root": ([], True), "nobody": ([become_nobody], False),
+           "root in userns": ([enter_userns], False)}
+    try:
+        for kptr, paranoid in itertools.product((0, 1, 2), (-1, 1, 2, 3)):
+            (sysctl / "kptr_restrict").write_text(f"{kptr}\n")
+            (sysctl / "perf_event_paranoid").write_text(f"{paranoid}\n")
+            for name, (steps, cap) in who.items():
+                dev, _ = as_opener(steps, str(m.path))
+                assert dev == _expected(kptr, paranoid, cap), (kptr, paranoid, name)
+    finally:
+        m.stop()
+
+
+def test_setuid_after_open_keeps_the_openers_view(public_dir):
+    """Decided at open from the opener's credentials, as the kernel does (f_cred)."""
+    m = Mount(public_dir / "ksyms", "--allow-other")
+
+    def run() -> tuple[bool, bool]:
+        fd = os.open(m.path, os.O_RDONLY)
+        kfd = os.open("/proc/kallsyms", os.O_RDONLY)
+        become_nobody()
+        data = os.pread(fd, 1 << 28, 0)
+        ktext = os.read(kfd, 1 << 16)
+        return (bool(parse_image(data).syms["st_value"].any()),
+                any(int(line.split()[0], 16) for line in ktext.splitlines()[:-1]))
+    try:
+        assert in_child(run) == (True, True)
+    finally:
+        m.stop()
+
+
+def _recv_fd(sock: socket.socket) -> int:
+    _, anc, _, _ = sock.recvmsg(1, socket.CMSG_LEN(4))
+    return struct.unpack("i", anc[0][2][:4])[0]
+
+
+def test_descriptor_passed_over_scm_rights_reads_the_openers_snapshot(public_dir):
+    """The receiver (nobody) reads root's open, like a passed /proc/kallsyms descriptor;
+    its own open is still judged by its own credentials."""
+    m = Mount(public_dir / "ksyms", "--allow-other")
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def receiver() -> tuple[bool, bool]:
+        a.close()
+        become_nobody()
+        b.send(b"r")
+        fd = _recv_fd(b)
+        passed = bool(parse_image(os.pread(fd, 1 << 28, 0)).syms["st_value"].any())
+        os.close(fd)
+        b.recv(1)  # root has closed its copy
+        time.sleep(0.2)
+        return passed, device_shows(str(m.path))
+    box: list = []
+    try:  # the child is forked before the open, so it holds only what it is sent
+        t = threading.Thread(target=lambda: box.append(in_child(receiver)))
+        t.start()
+        assert a.recv(1) == b"r"
+        fd = os.open(m.path, os.O_RDONLY)
+        a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+        os.close(fd)
+        a.send(b"c")
+        t.join(60)
+        assert box == [(True, False)]
+    finally:
+        a.close()
+        b.close()
+        m.stop()
