@@ -223,3 +223,150 @@ def test_descriptor_passed_over_scm_rights_reads_the_openers_snapshot(public_dir
         a.close()
         b.close()
         m.stop()
+
+
+# -- nobody's reader is hurt by anyone else (size semantics) --------------------------------
+def _size_views(fd: int) -> tuple[int, int, int, int]:
+    """(fstat, KIOCGSIZE, bytes read, mmap length) of one descriptor."""
+    buf = bytearray(8)
+    fcntl.ioctl(fd, KIOCGSIZE, buf)
+    data = os.pread(fd, 1 << 28, 0)
+    size = os.fstat(fd).st_size
+    mm = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ)
+    try:
+        assert mm[:] == data
+        n = len(mm)
+    finally:
+        mm.close()
+    return size, struct.unpack("=Q", buf)[0], len(data), n
+
+
+def _big_then_small(d: Path) -> None:
+    """Unload enough modules that the image shrinks by more than a size bucket."""
+    write_sources(d, ["alpha"])
+
+
+def test_mapping_held_across_a_module_unload_survives_others_stat(tmp_path):
+    """Before: a mapped bigger snapshot got SIGBUS once another process opened and stat'ed
+    the smaller new one (the inode's size is shared). Now the served size never shrinks
+    while anything is open or mapped, and the mapping's data stays its own snapshot."""
+    src = tmp_path / "src"
+    ks, mods = write_sources(src, [f"m{i}" for i in range(150)])
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+
+    def holder(ready_w: int, go_r: int) -> tuple[int, int, bytes]:
+        fd = os.open(m.path, os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        mm = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ)
+        own = os.pread(fd, 1 << 28, 0)
+        os.write(ready_w, b"r")
+        os.read(go_r, 1)
+        tail = mm[size - 4096:]  # SIGBUS here with the old code
+        return size, len(own), bytes(tail) if mm[:] == own else b"DIFFERENT"
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    box: list = []
+    try:
+        t = threading.Thread(target=lambda: box.append(in_child(lambda: holder(ready_w,
+                                                                                go_r))))
+        t.start()
+        assert os.read(ready_r, 1) == b"r"
+        _big_then_small(src)
+        new = in_child(lambda: (os.stat(m.path).st_size,
+                                len(open(m.path, "rb").read()),
+                                os.stat(m.path).st_size))
+        os.write(go_w, b"g")
+        t.join(60)
+        assert len(box) == 1 and isinstance(box[0], tuple), box
+        size, nread, tail = box[0]
+        assert size == nread and tail != b"DIFFERENT"
+        assert new == (size, size, size)  # the served size did not drop under the mapping
+        # after everyone closed, the size follows the latest snapshot again
+        assert os.stat(m.path).st_size < size
+        assert os.stat(m.path).st_size % SIZE_BUCKET == 0
+    finally:
+        for fd in (ready_r, ready_w, go_r, go_w):
+            os.close(fd)
+        m.stop()
+
+
+def test_inherited_descriptor_sizes_agree_after_a_change(tmp_path):
+    """fstat, KIOCGSIZE, read and mmap agree for a descriptor a child inherited, also after
+    the sources changed and someone else opened the new snapshot."""
+    src = tmp_path / "src"
+    ks, mods = write_sources(src, [f"m{i}" for i in range(150)])
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+    try:
+        fd = os.open(m.path, os.O_RDONLY)
+        before = _size_views(fd)
+        assert len(set(before)) == 1
+        _big_then_small(src)
+        small = in_child(lambda: _size_views(os.open(m.path, os.O_RDONLY)))
+        inherited = in_child(lambda: _size_views(fd))
+        assert inherited == before and small == before, (before, small, inherited)
+        img = parse_image(os.pread(fd, 1 << 28, 0))
+        assert "m149" in img.modules  # still the snapshot taken at open
+        os.close(fd)
+        time.sleep(0.3)
+        after = _size_views(os.open(m.path, os.O_RDONLY))
+        assert len(set(after)) == 1 and after[0] < before[0]
+    finally:
+        m.stop()
+
+
+def test_readelf_as_root_survives_nobody_stat_loop_under_churn(public_dir):
+    """eu-readelf maps the file; another user stats (and opens) it in a loop while modules
+    come and go: no reader may die of SIGBUS."""
+    tool = shutil.which("eu-readelf")
+    if tool is None:
+        pytest.skip("eu-readelf not installed")
+    src = public_dir / "src"
+    ks, mods = write_sources(src, [f"m{i}" for i in range(150)])
+    os.chmod(src, 0o755)
+    m = Mount(public_dir / "ksyms", "--allow-other", "--kallsyms", str(ks), "--modules",
+              str(mods))
+    stop = threading.Event()
+
+    def churn() -> None:
+        k = 0
+        while not stop.is_set():
+            k += 1
+            write_sources(src, [f"m{i}" for i in range(150 if k % 2 else 1)])
+            time.sleep(0.05)
+
+    def stat_loop() -> int:  # stats, and now and then an open that builds a snapshot
+        become_nobody()
+        n = 0
+        end = time.monotonic() + 8
+        while time.monotonic() < end:
+            os.stat(m.path)
+            n += 1
+            if n % 20 == 0:
+                try:
+                    with open(m.path, "rb") as f:
+                        f.read(64)
+                except OSError as e:  # held by root, or caught mid-churn
+                    assert e.errno in (errno.EBUSY, errno.ENXIO)
+        return n
+    box: list = []
+    threads = [threading.Thread(target=churn),
+               threading.Thread(target=lambda: box.append(in_child(stat_loop)))]
+    try:
+        for t in threads:
+            t.start()
+        deaths, ok = [], 0
+        for _ in range(15):
+            r = subprocess.run([tool, "-S", str(m.path)], capture_output=True)
+            if r.returncode < 0:
+                deaths.append(signal.Signals(-r.returncode).name)
+            elif r.returncode == 0 and b".symtab" in r.stdout:
+                ok += 1
+            else:  # caught mid-churn (ENXIO), or the old code's lockout (EBUSY)
+                assert b"busy" in r.stderr or b"No such device" in r.stderr, r.stderr
+        assert deaths == [] and ok > 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        m.stop()
+    assert box and box[0] > 0
