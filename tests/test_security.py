@@ -370,3 +370,100 @@ def test_readelf_as_root_survives_nobody_stat_loop_under_churn(public_dir):
             t.join(30)
         m.stop()
     assert box and box[0] > 0
+
+
+# -- one open per process, robustly ------------------------------------------------------
+@pytest.fixture
+def captured(tmp_path):
+    ks, mods = write_sources(tmp_path / "src", ["alpha", "beta"])
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+    yield m
+    m.stop()
+
+
+def _open_errno(path: Path) -> int:
+    """0 if this process may open (and close) the device now, else the errno."""
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+DUPS = {"dup": os.dup, "dup2": lambda fd: os.dup2(fd, 200),
+        "F_DUPFD": lambda fd: fcntl.fcntl(fd, fcntl.F_DUPFD, 100),
+        "F_DUPFD_CLOEXEC": lambda fd: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100)}
+
+
+@pytest.mark.parametrize("how", sorted(DUPS))
+def test_closing_a_duplicate_does_not_free_the_slot(captured, how):
+    """Before: close(dup(fd)) sent FLUSH and freed the slot: one process held 8 (up to
+    all 64) snapshots. Now the slot frees at RELEASE, when the last duplicate is gone."""
+    fd = os.open(captured.path, os.O_RDONLY)
+    try:
+        os.close(DUPS[how](fd))
+        assert _open_errno(captured.path) == errno.EBUSY
+        assert os.pread(fd, 4, 0) == b"\x7fELF"
+    finally:
+        os.close(fd)
+    assert _open_errno(captured.path) == 0  # after the last close: promptly free
+
+
+def test_child_holding_an_inherited_descriptor_keeps_the_parents_slot(captured):
+    fd = os.open(captured.path, os.O_RDONLY)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # holds the inherited descriptor until told
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        os.close(fd)
+        assert _open_errno(captured.path) == errno.EBUSY  # the child still holds it
+    finally:
+        os.write(w, b"x")
+        os.close(w)
+        os.waitpid(pid, 0)
+    assert _open_errno(captured.path) == 0
+
+
+def test_passed_descriptor_keeps_the_senders_slot(captured):
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        a.close()
+        b.send(b"r")
+        fd = _recv_fd(b)
+        b.recv(1)
+        os.close(fd)
+        os._exit(0)
+    b.close()
+    try:
+        assert a.recv(1) == b"r"
+        fd = os.open(captured.path, os.O_RDONLY)
+        a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+        os.close(fd)
+        assert _open_errno(captured.path) == errno.EBUSY
+    finally:
+        a.send(b"c")
+        os.waitpid(pid, 0)
+        a.close()
+    assert _open_errno(captured.path) == 0
+
+
+def test_mapping_kept_after_close_keeps_the_slot(captured):
+    fd = os.open(captured.path, os.O_RDONLY)
+    mm = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_PRIVATE, mmap.PROT_READ)
+    os.close(fd)
+    assert _open_errno(captured.path) == errno.EBUSY
+    assert mm[:4] == b"\x7fELF"
+    mm.close()
+    assert _open_errno(captured.path) == 0
+
+
+def test_tight_open_close_loop_never_ebusy(captured):
+    """The FLUSH race fixed earlier stays fixed: close() then open() is never EBUSY (the
+    open waits, bounded, for the RELEASE that follows the close)."""
+    errs = [e for e in (_open_errno(captured.path) for _ in range(500)) if e]
+    assert errs == []
