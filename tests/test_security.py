@@ -467,3 +467,287 @@ def test_tight_open_close_loop_never_ebusy(captured):
     open waits, bounded, for the RELEASE that follows the close)."""
     errs = [e for e in (_open_errno(captured.path) for _ in range(500)) if e]
     assert errs == []
+
+
+# -- sources can't wedge the daemon -------------------------------------------------------
+def _open_in_child(path: Path, timeout: float = 20) -> int:
+    """errno of open+read+close by a forked child (0 if fine); fails if it hangs."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(_open_errno(path))
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    raise AssertionError(f"open of {path} still blocked after {timeout}s")
+
+
+def _unblock(fifo: Path) -> None:
+    """Let anything stuck reading ``fifo`` go (the old code blocked in open)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+def test_fifo_source_is_refused_at_mount(tmp_path):
+    fifo = tmp_path / "kallsyms"
+    os.mkfifo(fifo)
+    try:
+        with pytest.raises(RuntimeError) as e:
+            Mount(tmp_path / "ksyms", "--kallsyms", str(fifo), "--modules", "/dev/zero",
+                  timeout=20)
+        assert "not a regular file" in str(e.value)
+    finally:
+        _unblock(fifo)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "chardev"])
+def test_source_that_becomes_non_regular_gives_enxio(tmp_path, kind):
+    """A path that becomes a FIFO, a socket or /dev/zero between opens: the open fails
+    at once with ENXIO (before: blocked unkillably, or read /dev/zero until OOM)."""
+    ks, mods = write_sources(tmp_path / "src", ["alpha"])
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+    sock = None
+    try:
+        assert _open_in_child(m.path) == 0
+        os.unlink(ks)
+        if kind == "fifo":
+            os.mkfifo(ks)
+        elif kind == "socket":
+            sock = socket.socket(socket.AF_UNIX)
+            sock.bind(str(ks))
+        else:
+            os.symlink("/dev/zero", ks)
+        assert _open_in_child(m.path) == errno.ENXIO
+        out = m.output()  # a socket already fails open(2) itself with ENXIO
+        assert "not a regular file" in out or (kind == "socket" and "cannot read" in out)
+    finally:
+        if kind == "fifo":
+            _unblock(ks)
+        if sock is not None:
+            sock.close()
+        m.stop()
+
+
+def test_source_over_the_read_cap_gives_enxio(tmp_path):
+    ks, mods = write_sources(tmp_path / "src", ["alpha"], nkernel=60000)  # ~1.7 MB
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods),
+              "--max-read", "2")
+    try:
+        assert _open_in_child(m.path) == 0
+        write_sources(tmp_path / "src", ["alpha"], nkernel=100000)  # ~2.9 MB
+        assert _open_in_child(m.path) == errno.ENXIO
+        assert "read cap" in m.output()
+    finally:
+        m.stop()
+
+
+def _holder(path: Path) -> tuple[int, int]:
+    """A child holding the device open until told: (pid, pipe to tell it)."""
+    r, w = os.pipe()
+    rr, ww = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.close(rr)
+        err = _open_errno_keep(path)
+        os.write(ww, bytes([err]))
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    os.close(ww)
+    err = os.read(rr, 1)[0]
+    os.close(rr)
+    return pid, w, err
+
+
+def _open_errno_keep(path: Path) -> int:
+    try:
+        os.open(path, os.O_RDONLY)  # kept open until the process exits
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+def _let_go(holders: list) -> None:
+    for pid, w, _ in holders:
+        os.write(w, b"x")
+        os.close(w)
+        os.waitpid(pid, 0)
+
+
+def test_memory_budget_answers_enomem_and_shared_images_count_once(tmp_path):
+    """--max-memory 1 (MiB) with ~390 KB images: any number of holders of one snapshot
+    fit; a third different snapshot held at once does not (ENOMEM); a close frees it."""
+    src = tmp_path / "src"
+    ks, mods = write_sources(src, ["alpha"], nkernel=10000)
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods),
+              "--max-memory", "1")
+    held: list = []
+    try:
+        held += [_holder(m.path) for _ in range(5)]  # one snapshot, shared
+        assert [h[2] for h in held] == [0] * 5
+        write_sources(src, ["alpha", "beta"], nkernel=10000)
+        held.append(_holder(m.path))
+        assert held[-1][2] == 0
+        write_sources(src, ["alpha", "beta", "gamma"], nkernel=10000)
+        assert _open_in_child(m.path) == errno.ENOMEM
+        assert "memory budget" in m.output()
+        _let_go(held[:5])
+        held = held[5:]
+        assert _open_in_child(m.path) == 0
+    finally:
+        _let_go(held)
+        m.stop()
+
+
+# -- lockout: as small as one page cache allows -------------------------------------------
+def _nobody_holder(path: Path) -> tuple[int, int, int]:
+    """A forked nobody holding the device open until told: (pid, pipe, open errno)."""
+    r, w = os.pipe()
+    rr, ww = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.close(rr)
+        become_nobody()
+        os.write(ww, bytes([_open_errno_keep(path)]))
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    os.close(ww)
+    err = os.read(rr, 1)[0]
+    os.close(rr)
+    return pid, w, err
+
+
+def test_privileged_open_waits_out_a_brief_unprivileged_holder(public_dir):
+    """Before: any unprivileged open made root's opens fail EBUSY at once. Now root waits
+    (bounded) for it to go; the holder here closes while root waits."""
+    m = Mount(public_dir / "ksyms", "--allow-other")
+    try:
+        holder = _nobody_holder(m.path)
+        assert holder[2] == 0
+        threading.Timer(0.3, _let_go, [[holder]]).start()
+        assert _open_errno(m.path) == 0
+    finally:
+        m.stop()
+
+
+def test_unprivileged_opens_queue_behind_a_waiting_privileged_one(public_dir):
+    """While root waits, a new unprivileged open is refused at once (root goes first), so
+    a stream of short unprivileged opens cannot starve root."""
+    m = Mount(public_dir / "ksyms", "--allow-other")
+    try:
+        holder = _nobody_holder(m.path)
+        assert holder[2] == 0
+        r, w = os.pipe()
+        late = os.fork()
+        if late == 0:  # a second nobody, ready before root starts waiting
+            become_nobody()
+            os.read(r, 1)
+            os._exit(_open_errno(m.path))
+        root: list = []
+        t = threading.Thread(target=lambda: root.append(_open_errno(m.path)))
+        t.start()
+        time.sleep(0.2)
+        os.write(w, b"g")
+        _, status = os.waitpid(late, 0)
+        _let_go([holder])
+        t.join(30)
+        assert os.waitstatus_to_exitcode(status) == errno.EBUSY
+        assert root == [0]
+    finally:
+        m.stop()
+
+
+def test_unprivileged_holder_that_stays_still_locks_out_root(public_dir):
+    """The corner that cannot be closed with one inode (README "Security"): while an
+    unprivileged descriptor or mapping lasts, root's open waits, then EBUSY; nothing leaks."""
+    m = Mount(public_dir / "ksyms", "--allow-other")
+    try:
+        holder = _nobody_holder(m.path)
+        assert holder[2] == 0
+        assert _open_errno(m.path) == errno.EBUSY
+        assert "other address rights" in m.output()
+        _let_go([holder])
+        assert _open_errno(m.path) == 0
+    finally:
+        m.stop()
+
+
+# -- bounded concurrency -------------------------------------------------------------------
+def _threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+
+
+def test_hundreds_of_concurrent_openers_keep_threads_bounded(public_dir):
+    """300 processes open at once (before: one daemon thread per concurrent open, 3,002
+    for 3,000). Opens beyond --max-pending fail at once with EAGAIN."""
+    ks, mods = write_sources(public_dir / "src", ["alpha"], nkernel=60000)
+    os.chmod(public_dir / "src", 0o755)
+    m = Mount(public_dir / "ksyms", "--allow-other", "--kallsyms", str(ks), "--modules",
+              str(mods), "--max-pending", "8")
+    r, w = os.pipe()
+    kids = []
+    try:
+        for _ in range(300):
+            pid = os.fork()
+            if pid == 0:
+                os.close(w)
+                become_nobody()
+                os.read(r, 1)
+                os._exit(_open_errno(m.path))
+            kids.append(pid)
+        os.close(r)
+        base = _threads(m.pid)
+        os.write(w, b"g" * 300)
+        peak, codes = base, []
+        while len(codes) < len(kids):
+            peak = max(peak, _threads(m.pid))
+            done, status = os.waitpid(-1, os.WNOHANG)
+            if done:
+                codes.append(os.waitstatus_to_exitcode(status))
+            else:
+                time.sleep(0.005)
+        got = {errno.errorcode.get(c, c) if c else "ok": codes.count(c) for c in set(codes)}
+        print(f"300 concurrent opens: {got}, daemon threads {base} -> peak {peak}")
+        assert set(got) <= {"ok", "EAGAIN"} and got.get("ok", 0) > 0, got
+        assert peak <= base + 8 + 16, peak  # --max-pending, plus libfuse's idle workers
+        if got.get("EAGAIN"):
+            assert "--max-pending" in m.output()
+    finally:
+        os.close(w)
+        m.stop()
+
+
+# -- operability: every refusal logged, never an address -----------------------------------
+HEX_ADDRESS = re.compile(r"[0-9a-fA-F]{8,}")
+
+
+def test_refused_opens_are_logged_without_addresses(tmp_path):
+    """A malformed kallsyms line carries an address; the log names pid, uid, errno and
+    reason, and no hex run of 8+ digits appears anywhere in it."""
+    ks, mods = write_sources(tmp_path / "src", ["alpha"])
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+    try:
+        fd = os.open(m.path, os.O_RDONLY)
+        assert _open_errno(m.path) == errno.EBUSY
+        os.close(fd)
+        ks.write_text(ks.read_text() + "ffffffff81234567 T\n")  # no name: ParseError
+        assert _open_in_child(m.path) == errno.ENXIO
+        for flags in (os.O_WRONLY, os.O_RDWR):
+            with pytest.raises(OSError):
+                os.open(m.path, flags)
+        log = m.output()
+    finally:
+        m.stop()
+    refused = [line for line in log.splitlines() if "open refused" in line]
+    assert any("EBUSY" in line and " uid 0" in line for line in refused), log
+    assert any("ENXIO" in line and "kallsyms" in line for line in refused), log
+    assert all(re.search(r"pid \d+ uid \d+", line) for line in refused)
+    assert not HEX_ADDRESS.search(log), log
