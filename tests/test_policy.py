@@ -62,6 +62,27 @@ def test_process_creds_reads_tgid_and_cap_syslog(tmp_path):
     assert process_creds(999, str(tmp_path)) is None
 
 
+def test_cap_syslog_counts_only_in_the_initial_user_namespace(tmp_path):
+    """CapEff is relative to the process's own namespace; the kernel asks in the initial
+    one (security_capable(cred, &init_user_ns, CAP_SYSLOG))."""
+    fake_proc(tmp_path, 301, 301, 0, (1 << 41) - 1, userns="user:[4026532999]")
+    c = process_creds(301, str(tmp_path))
+    assert c.cap_syslog is False and c.userns == "user:[4026532999]"
+    assert process_creds(301, str(tmp_path), init_userns="user:[4026532999]").cap_syslog
+    os.unlink(tmp_path / "301" / "ns" / "user")  # unreadable namespace: no capability
+    assert process_creds(301, str(tmp_path)).cap_syslog is False
+
+
+def test_device_gives_a_namespaced_root_zeros(tmp_path):
+    ks = tmp_path / "kallsyms"
+    ks.write_text(KS)
+    proc = tmp_path / "proc"
+    fake_proc(proc, 41, 41, 0, (1 << 41) - 1, userns="user:[4026532999]")
+    dev = Device(Sources(str(ks), None), procfs=str(proc))
+    fh = dev.open(41, os.O_RDONLY)
+    assert not parse_image(dev.read(fh, 1 << 24, 0)).syms["st_value"].any()
+
+
 @pytest.mark.parametrize("kptr,paranoid,capeff,real", [
     (0, 2, 1 << 34, True), (0, 2, 0, False), (0, 1, 0, True), (1, 2, 1 << 34, True),
     (2, -1, (1 << 64) - 1, False),
