@@ -119,9 +119,9 @@ class Device:
                  max_open: int = 64, max_memory: int = 1 << 30, max_pending: int = 32,
                  open_wait: float = OPEN_WAIT):
         for name, val in (("max-open", max_open), ("max-memory", max_memory),
-                          ("max-pending", max_pending)):
+                          ("max-pending", max_pending), ("max-read", sources.max_read)):
             if val <= 0:
-                raise ConfigError(f"--{name} must be positive (got {val})")
+                raise ConfigError(f"--{name} must be positive")
         self.sources = sources
         self.target_overrides = {"arch": arch, "elfclass": elfclass, "endian": endian}
         self.procfs = procfs
