@@ -27,6 +27,8 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lenient", action="store_true",
                    help="skip lines that are not symbol lines (headers, separators) "
                         "instead of failing on them")
+    g.add_argument("--max-read", type=_positive_int, default=512, metavar="MIB",
+                   help="refuse a source larger than this (default 512 MiB)")
 
 
 def _add_target_args(p: argparse.ArgumentParser) -> None:
@@ -83,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
                         "would show them (kallsyms_show_value)")
     m.add_argument("--max-open", type=_positive_int, default=64, metavar="N",
                    help="concurrent open snapshots before opens fail with ENOMEM (default 64)")
+    m.add_argument("--max-memory", type=_positive_int, default=1024, metavar="MIB",
+                   help="memory for snapshot images held at once; beyond it opens fail "
+                        "with ENOMEM (default 1024 MiB)")
+    m.add_argument("--max-pending", type=_positive_int, default=32, metavar="N",
+                   help="opens being served at once; more fail at once with EAGAIN "
+                        "(default 32)")
     m.add_argument("--sysctl-dir", default="/proc/sys/kernel", metavar="DIR",
                    help="where kptr_restrict and perf_event_paranoid are read (tests)")
     m.add_argument("--force", action="store_true",

@@ -2,7 +2,12 @@
 
 FreeBSD semantics: every open takes its own snapshot; one open per process (thread
 group) at a time, else EBUSY; ENXIO when no consistent snapshot can be taken; ENOMEM
-on resource shortage (here also: more than ``max_open`` snapshots open at once).
+on resource shortage (more than ``max_open`` snapshots, or ``max_memory`` bytes of them).
+
+Size: every stat, fstat, KIOCGSIZE and read agree on one *served size*: the largest
+snapshot open (or the latest built), rounded up to SIZE_BUCKET, which never shrinks while
+any open (or a mapping, which holds its open) lasts. Each open's data is its own snapshot
+followed by zeros up to that size, so nobody's mapping ever loses its last pages.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import struct
 import threading
 import time
@@ -17,12 +23,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import KIOCGADDR, KIOCGSIZE
-from .errors import KsymsError
-from .policy import ProcessCreds, kallsyms_show_value, process_creds, read_sysctls
+from .errors import ConfigError, KsymsError
+from .policy import (
+    ProcessCreds,
+    kallsyms_show_value,
+    process_creds,
+    read_sysctls,
+    user_namespace,
+)
 from .snapshot import snapshot_image
 from .sources import Snapshot, Sources, take_snapshot
 
 log = logging.getLogger(__name__)
+SIZE_BUCKET = 64 << 10   # served size granularity: module churn rarely changes it
+OPEN_WAIT = 1.0          # s an open may wait for a RELEASE (own slot, or other policy)
+_HEX_RUN = re.compile(r"(?i)(0x)?[0-9a-f]{8,}")
+
+
+def redact(text: str) -> str:
+    """``text`` without anything that looks like an address (8+ hex digits)."""
+    return _HEX_RUN.sub("<hex>", text)
+
+
+def served_round(n: int) -> int:
+    return -(-n // SIZE_BUCKET) * SIZE_BUCKET
 
 
 class DeviceError(KsymsError):
@@ -40,6 +64,7 @@ class Handle:
     tgid: int
     image: bytes
     show_addresses: bool
+    flushed: bool = False   # its owner closed a descriptor of it: the slot frees at RELEASE
 
 
 class Coalescer:
@@ -91,17 +116,28 @@ class Device:
     def __init__(self, sources: Sources, *, arch: str | None = None,
                  elfclass: int | None = None, endian: str | None = None,
                  procfs: str = "/proc", sysctl_dir: str | None = None,
-                 max_open: int = 64):
+                 max_open: int = 64, max_memory: int = 1 << 30, max_pending: int = 32,
+                 open_wait: float = OPEN_WAIT):
+        for name, val in (("max-open", max_open), ("max-memory", max_memory),
+                          ("max-pending", max_pending), ("max-read", sources.max_read)):
+            if val <= 0:
+                raise ConfigError(f"--{name} must be positive")
         self.sources = sources
         self.target_overrides = {"arch": arch, "elfclass": elfclass, "endian": endian}
         self.procfs = procfs
         self.sysctl_dir = sysctl_dir or os.path.join(procfs, "sys", "kernel")
-        self.max_open = max_open
+        self.max_open, self.max_memory, self.max_pending = max_open, max_memory, max_pending
+        self.open_wait = open_wait
+        self.init_userns = user_namespace("self", procfs)  # ours: the kernel's initial one
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # signalled at every RELEASE
         self._build_lock = threading.Lock()  # one build per (snapshot, policy), not one per opener
         self._handles: dict[int, Handle] = {}
         self._by_tgid: dict[int, int] = {}
         self._next_fh = 1
+        self._pending = 0          # opens in progress (FUSE worker threads busy in open)
+        self._priv_waiting = 0     # privileged opens waiting for unprivileged ones to go
+        self._served = 0           # the size every stat/read/ioctl agrees on
         self._snap: Snapshot | None = None      # the newest kernel state read
         self._images: dict[bool, bytes] = {}     # its images, by "shows addresses"
         self._section_cache: dict = {}
@@ -121,6 +157,17 @@ class Device:
             self.mtime = time.time()
         return snap
 
+    def _held_bytes(self) -> int:
+        """Bytes of snapshot images held (handles and cache; a shared image counts once)."""
+        sizes = {id(img): len(img) for img in self._images.values()}
+        sizes.update((id(h.image), len(h.image)) for h in self._handles.values())
+        return sum(sizes.values())
+
+    def _check_budget(self, need: int) -> None:
+        if self._held_bytes() + need > self.max_memory:
+            raise DeviceError(errno.ENOMEM, f"snapshot memory budget ({self.max_memory >> 20}"
+                              " MiB, --max-memory) used up")
+
     def _image_for(self, snap: Snapshot, show: bool) -> bytes:
         with self._lock:
             img = self._images.get(show) if snap is self._snap else None
@@ -129,12 +176,16 @@ class Device:
         with self._build_lock:  # openers that shared one read wait for one build
             with self._lock:
                 img = self._images.get(show) if snap is self._snap else None
+                if img is None:
+                    self._check_budget(self.latest_size)  # estimate: the last one built
             if img is None:
                 img = bytes(snapshot_image(snap, not show, **self.target_overrides))
                 with self._lock:
+                    self._check_budget(len(img))
                     if snap is self._snap:  # immutable bytes: shared between opens
                         self._images[show] = img
                         self.latest_size = len(img)
+                        self._served = max(self._served, served_round(len(img)))
         return img
 
     def prime(self) -> Snapshot:
@@ -151,39 +202,93 @@ class Device:
 
     # -- who is asking ------------------------------------------------------------------
     def _creds(self, tid: int) -> ProcessCreds:
-        creds = process_creds(tid, self.procfs)
+        creds = process_creds(tid, self.procfs, self.init_userns)
         if creds is None:
             raise DeviceError(errno.ENXIO, f"cannot identify process {tid}")
         return creds
 
     # -- file operations ---------------------------------------------------------------
     def open(self, tid: int, flags: int) -> int:
-        """A fresh snapshot for the calling process; EBUSY if it already has one open."""
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            raise DeviceError(errno.EROFS, "read-only device")
-        creds = self._creds(tid)
+        """A fresh snapshot for the calling process; EBUSY if it already has one open.
+        Every refusal is logged (pid, uid, errno, reason; never an address)."""
+        creds = None
+        try:
+            if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+                raise DeviceError(errno.EROFS, "read-only device")
+            creds = self._creds(tid)
+            return self._open(creds)
+        except (KsymsError, MemoryError) as e:
+            err = getattr(e, "errno", errno.ENOMEM)
+            log.info("open refused: pid %d uid %s: %s: %s", tid,
+                     "?" if creds is None else creds.uid, errno.errorcode.get(err, err),
+                     redact(str(e) or type(e).__name__))
+            raise
+
+    def _open(self, creds: ProcessCreds) -> int:
         show = kallsyms_show_value(read_sysctls(self.sysctl_dir), creds.cap_syslog)
+        # a quarter of the in-progress slots is kept for openers who may see addresses
+        limit = self.max_pending if show else max(1, self.max_pending * 3 // 4)
         with self._lock:
-            if creds.tgid in self._by_tgid:
-                raise DeviceError(errno.EBUSY, f"process {creds.tgid} already has it open")
-            if any(h.show_addresses != show for h in self._handles.values()):
-                # mmap goes through the file's one page cache, whoever filled it: never
-                # let an opener who may not see addresses share it with one who may
-                raise DeviceError(errno.EBUSY, "open by a process with other address rights")
-            if len(self._handles) >= self.max_open:
-                raise DeviceError(errno.ENOMEM, f"{self.max_open} snapshots already open")
+            if self._pending >= limit:
+                raise DeviceError(errno.EAGAIN, f"{self._pending} opens already in "
+                                  "progress (--max-pending)")
+            self._pending += 1
+        try:
+            fh = self._admit(creds.tgid, show)
+            try:
+                image = self.snapshot(show)
+            except BaseException:
+                self.release(fh)
+                raise
+            with self._lock:
+                self._handles[fh].image = image
+                self._served = max(self._served, served_round(len(image)))
+            return fh
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def _refusal(self, tgid: int, show: bool) -> tuple[int, str, bool] | None:
+        """Why ``tgid`` may not open now: (errno, reason, worth waiting for a RELEASE)."""
+        fh = self._by_tgid.get(tgid)
+        if fh is not None:
+            if not self._handles[fh].flushed:
+                return errno.EBUSY, f"process {tgid} already has it open", False
+            return (errno.EBUSY, f"process {tgid} still holds its previous open "
+                    "(a duplicated or passed descriptor, a child, or a mapping)", True)
+        if any(h.show_addresses != show for h in self._handles.values()):
+            # mmap goes through the file's one page cache, whoever filled it: never let an
+            # opener who may not see addresses share it with one who may
+            return (errno.EBUSY, "held by a process with other address rights (one page "
+                    "cache)", True)
+        if not show and self._priv_waiting:  # privileged openers go first
+            return errno.EBUSY, "a process that may see addresses is waiting", False
+        if len(self._handles) >= self.max_open:
+            return errno.ENOMEM, f"{self.max_open} snapshots already open (--max-open)", False
+        return None
+
+    def _admit(self, tgid: int, show: bool) -> int:
+        """Reserve the process's slot, waiting up to ``open_wait`` for RELEASEs."""
+        deadline = time.monotonic() + self.open_wait
+        with self._cond:
+            queued = False
+            try:
+                while (why := self._refusal(tgid, show)) is not None:
+                    err, reason, wait = why
+                    left = deadline - time.monotonic()
+                    if not wait or left <= 0:
+                        raise DeviceError(err, reason)
+                    if show and not queued:  # hold back new unprivileged opens meanwhile
+                        self._priv_waiting, queued = self._priv_waiting + 1, True
+                    self._cond.wait(left)
+            finally:
+                if queued:
+                    self._priv_waiting -= 1
             fh = self._next_fh
             self._next_fh += 1
-            self._by_tgid[creds.tgid] = fh  # reserve: a racing thread of ours gets EBUSY
-            self._handles[fh] = Handle(creds.tgid, b"", show)
-        try:
-            image = self.snapshot(show)
-        except BaseException:
-            self.release(fh)
-            raise
-        with self._lock:
-            self._handles[fh] = Handle(creds.tgid, image, show)
-        return fh
+            self._by_tgid[tgid] = fh  # reserve: a racing thread of ours gets EBUSY
+            self._handles[fh] = Handle(tgid, b"", show)
+            return fh
 
     def image_of(self, fh: int) -> bytes:
         """The open's snapshot itself (no copy), for the adapter's zero-copy read."""
@@ -192,50 +297,54 @@ class Device:
             raise DeviceError(errno.EBADF)
         return h.image
 
+    @property
+    def served_size(self) -> int:
+        """What every stat, fstat, KIOCGSIZE and read agree on (see the module doc)."""
+        return self._served
+
     def read(self, fh: int, size: int, offset: int) -> bytes:
-        return self.image_of(fh)[offset:offset + size] if offset >= 0 else b""
+        """The open's snapshot, then zeros up to the served size."""
+        image = self.image_of(fh)
+        end = min(offset + size, self._served)
+        if offset < 0 or offset >= end:
+            return b""
+        data = image[offset:end]
+        return data + bytes(end - offset - len(data))
 
     def flush(self, fh: int, tid: int) -> None:
-        """close() by the owner: free its one-open slot now (FUSE sends RELEASE later,
-        asynchronously, so open-close-open would otherwise race into EBUSY)."""
+        """close() of a descriptor by the owner: its slot frees at RELEASE, which comes when
+        the last descriptor and mapping are gone (the next open waits briefly for it)."""
         with self._lock:
             h = self._handles.get(fh)
-            if not tid or h is None or self._by_tgid.get(h.tgid) != fh:
-                return  # nothing to free (slot already freed, e.g. by a dup'd fd's close)
-        creds = process_creds(tid, self.procfs)
-        with self._lock:
-            if creds is not None and creds.tgid == h.tgid and self._by_tgid.get(h.tgid) == fh:
-                del self._by_tgid[h.tgid]
+            if not tid or h is None or h.flushed:
+                return
+        creds = process_creds(tid, self.procfs, self.init_userns)
+        if creds is not None and creds.tgid == h.tgid:
+            with self._lock:
+                h.flushed = True
 
     def release(self, fh: int) -> None:
-        with self._lock:
+        with self._cond:
             h = self._handles.pop(fh, None)
             if h is not None and self._by_tgid.get(h.tgid) == fh:
                 del self._by_tgid[h.tgid]
             idle = not self._handles
+            if idle:  # nothing open or mapped: the served size may shrink
+                self._served = served_round(self.latest_size)
+            self._cond.notify_all()
         if idle and self.on_idle is not None:
             self.on_idle()
 
-    def size_for(self, tid: int) -> int:
-        """stat size: the caller's open snapshot, else the latest snapshot built."""
-        creds = process_creds(tid, self.procfs) if tid else None
-        if creds is not None:
-            with self._lock:
-                fh = self._by_tgid.get(creds.tgid)
-                h = self._handles.get(fh) if fh else None
-                if h is None:  # flushed but not yet released: still the caller's
-                    h = next((x for x in self._handles.values() if x.tgid == creds.tgid),
-                             None)
-            if h is not None and h.image:
-                return len(h.image)
-        return self.latest_size
+    def size_for(self, tid: int = 0) -> int:
+        """stat size: the served size, the same for every caller."""
+        return self._served
 
     def ioctl(self, fh: int, cmd: int) -> bytes:
-        """KIOCGSIZE -> the snapshot's size as a size_t; anything else ENOTTY."""
+        """KIOCGSIZE -> the open's size (the served size) as a size_t; else ENOTTY."""
         cmd &= 0xFFFFFFFF
-        image = self.image_of(fh)
+        self.image_of(fh)
         if cmd == KIOCGSIZE:
-            return struct.pack("=Q", len(image))
+            return struct.pack("=Q", self._served)
         if cmd == KIOCGADDR:  # the snapshot lives in the daemon, not in the caller
             raise DeviceError(errno.ENOTTY, "KIOCGADDR is not supported over FUSE")
         raise DeviceError(errno.ENOTTY)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import signal
 import stat
+import threading
 import time
 
+import fuse as fuse_module
 from fuse import FUSE, FuseOSError, Operations, fuse_file_info, fuse_get_context
 
-from .device import Device
+from .device import Device, redact
 from .errors import KsymsError
 
 log = logging.getLogger(__name__)
@@ -43,16 +46,15 @@ class KsymsOperations(Operations):
         except Exception as e:  # noqa: BLE001  every failure becomes an errno, logged
             err = _errno_of(e)
             (log.debug if isinstance(e, KsymsError) else log.exception)(
-                "%s failed: %s (errno %s)", op, e, errno.errorcode.get(err, err))
+                "%s failed: %s (errno %s)", op, redact(str(e)), errno.errorcode.get(err, err))
             raise FuseOSError(err) from None
 
     def getattr(self, path: str, fh: object = None) -> dict:
         if path != "/":
             raise FuseOSError(errno.ENOENT)
-        _uid, _gid, pid = fuse_get_context()
         t = int(self.device.mtime * 1e9)
         return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_uid": self.uid,
-                "st_gid": self.gid, "st_size": self.device.size_for(pid),
+                "st_gid": self.gid, "st_size": self.device.served_size,
                 "st_atime": t, "st_mtime": t, "st_ctime": t, "st_blksize": 4096}
 
     def open(self, path: str, fi: fuse_file_info) -> int:
@@ -120,19 +122,107 @@ def _tame_malloc(device: Device) -> None:
         pass
 
 
+def copy_out(buf: object, image: bytes, served: int, size: int, offset: int) -> int:
+    """Copy ``image[offset:offset+size]``, then zeros up to ``served``, into ``buf``."""
+    n = max(0, min(size, served - offset))
+    k = max(0, min(n, len(image) - offset))
+    dst = ctypes.cast(buf, ctypes.c_void_p).value
+    if k:
+        base = ctypes.cast(ctypes.c_char_p(image), ctypes.c_void_p).value
+        ctypes.memmove(dst, base + offset, k)
+    if n > k:
+        ctypes.memset(dst + k, 0, n - k)
+    return n
+
+
 class _ZeroCopyFUSE(FUSE):
     """fusepy's read copies twice (slice, then memmove); copy once, GIL released."""
 
     def read(self, path: bytes, buf: int, size: int, offset: int, fip: object) -> int:
+        dev = self.operations.device
         try:
-            image = self.operations.device.image_of(fip.contents.fh)
+            image = dev.image_of(fip.contents.fh)
         except KsymsError as e:
             return -e.errno
-        n = max(0, min(size, len(image) - offset))
-        if n:
-            base = ctypes.cast(ctypes.c_char_p(image), ctypes.c_void_p).value
-            ctypes.memmove(buf, base + offset, n)
-        return n
+        return copy_out(buf, image, dev.served_size, size, offset)
+
+
+class _FuseBuf(ctypes.Structure):
+    """libfuse 2.9 ``struct fuse_buf``."""
+
+    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int),
+                ("mem", ctypes.c_void_p), ("fd", ctypes.c_int), ("pos", ctypes.c_int64)]
+
+
+class _PooledLibfuse:
+    """libfuse whose ``fuse_main_real`` serves requests on a fixed number of threads.
+
+    libfuse 2's own loop starts one more worker whenever none is idle: 3,000 concurrent
+    opens made 3,002 threads. Here ``threads`` workers each receive and process requests
+    (what fuse_session_loop does), so the daemon never runs more.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, threads: int):
+        self._lib, self.threads = lib, threads
+        lib.fuse_setup.restype = ctypes.c_void_p
+        lib.fuse_setup.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_size_t, ctypes.POINTER(ctypes.c_char_p),
+                                   ctypes.POINTER(ctypes.c_int), ctypes.c_void_p]
+        for name in ("fuse_get_session", "fuse_session_next_chan"):
+            getattr(lib, name).restype = ctypes.c_void_p
+        lib.fuse_session_next_chan.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        for name in ("fuse_get_session", "fuse_session_exited", "fuse_session_exit",
+                     "fuse_chan_bufsize"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+        lib.fuse_session_receive_buf.argtypes = [ctypes.c_void_p, ctypes.POINTER(_FuseBuf),
+                                                 ctypes.POINTER(ctypes.c_void_p)]
+        lib.fuse_session_process_buf.argtypes = [ctypes.c_void_p, ctypes.POINTER(_FuseBuf),
+                                                 ctypes.c_void_p]
+        lib.fuse_teardown.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._lib, name)
+
+    def fuse_main_real(self, argc: int, argv: object, ops: object, size: int,
+                       user_data: object) -> int:
+        lib, mnt, mt = self._lib, ctypes.c_char_p(), ctypes.c_int()
+        f = lib.fuse_setup(argc, ctypes.cast(argv, ctypes.c_void_p), ctypes.cast(
+            ops, ctypes.c_void_p), size, ctypes.byref(mnt), ctypes.byref(mt), None)
+        if not f:
+            return 1
+        se = lib.fuse_get_session(f)
+        ch = lib.fuse_session_next_chan(se, None)
+        signal.signal(signal.SIGUSR1, lambda *_: None)  # only to interrupt a worker's read
+        workers = [threading.Thread(target=self._work, args=(se, ch), daemon=True,
+                                    name=f"fuse-{i}") for i in range(self.threads)]
+        for w in workers:
+            w.start()
+        while not lib.fuse_session_exited(se) and any(w.is_alive() for w in workers):
+            time.sleep(0.1)  # SIGINT/SIGTERM/SIGHUP: libfuse's handlers set "exited"
+        lib.fuse_session_exit(se)
+        deadline = time.monotonic() + 5
+        while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+            for w in workers:  # wake workers blocked reading /dev/fuse (EINTR)
+                if w.is_alive() and w.ident is not None:
+                    signal.pthread_kill(w.ident, signal.SIGUSR1)
+            time.sleep(0.05)
+        lib.fuse_teardown(f, mnt)
+        return 0
+
+    def _work(self, se: int, ch: int) -> None:
+        lib = self._lib
+        size = lib.fuse_chan_bufsize(ch)
+        buf = ctypes.create_string_buffer(size)
+        while not lib.fuse_session_exited(se):
+            fbuf = _FuseBuf(size, 0, ctypes.addressof(buf), -1, 0)
+            tmpch = ctypes.c_void_p(ch)
+            res = lib.fuse_session_receive_buf(se, ctypes.byref(fbuf), ctypes.byref(tmpch))
+            if res == -errno.EINTR:
+                continue
+            if res <= 0:
+                lib.fuse_session_exit(se)
+                return
+            lib.fuse_session_process_buf(se, ctypes.byref(fbuf), tmpch)
 
 
 def serve(device: Device, mountpoint: str, *, allow_other: bool = False, debug: bool = False,
@@ -141,7 +231,14 @@ def serve(device: Device, mountpoint: str, *, allow_other: bool = False, debug: 
     unmounts); mount.py daemonizes before calling this."""
     _tame_malloc(device)
     opts = {"allow_other": True} if allow_other else {}
-    _ZeroCopyFUSE(KsymsOperations(device, uid, gid), mountpoint, raw_fi=True, foreground=True,
-         debug=debug, nothreads=False, ro=True, default_permissions=True,
-         fsname="ksymsfs", subtype="ksymsfs", attr_timeout=0, entry_timeout=0,
-         negative_timeout=0, **opts)
+    # a fixed pool: every open beyond --max-pending fails at once, so a few more threads
+    # than that always remain for reads, flushes and releases
+    lib = fuse_module._libfuse
+    fuse_module._libfuse = _PooledLibfuse(lib, device.max_pending + 4)
+    try:
+        _ZeroCopyFUSE(KsymsOperations(device, uid, gid), mountpoint, raw_fi=True,
+                      foreground=True, debug=debug, nothreads=False, ro=True,
+                      default_permissions=True, fsname="ksymsfs", subtype="ksymsfs",
+                      attr_timeout=0, entry_timeout=0, negative_timeout=0, **opts)
+    finally:
+        fuse_module._libfuse = lib

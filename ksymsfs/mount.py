@@ -135,7 +135,8 @@ def _absolute_paths(a: argparse.Namespace) -> None:
 
 def _make_device(a: argparse.Namespace) -> Device:
     return Device(sources_from_args(a), arch=a.arch, elfclass=ELFCLASS_OF[a.elfclass],
-                  endian=a.endian, max_open=a.max_open, sysctl_dir=a.sysctl_dir)
+                  endian=a.endian, max_open=a.max_open, sysctl_dir=a.sysctl_dir,
+                  max_memory=a.max_memory << 20, max_pending=a.max_pending)
 
 
 def run_mount(a: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ def sources_from_args(a: argparse.Namespace) -> Sources:
     else:
         src = Sources(a.kallsyms, a.modules, a.sections, modules_optional=False)
     src.lenient = a.lenient
+    src.max_read = getattr(a, "max_read", 512) << 20
     return src
 
 

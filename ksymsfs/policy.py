@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .errors import SourceError
+from .readfile import read_regular
+
 CAP_SYSLOG = 34
 
 
@@ -19,10 +22,10 @@ class Sysctls:
 def read_sysctls(sysctl_dir: str = "/proc/sys/kernel") -> Sysctls:
     """Read the knobs; an unreadable knob counts as the most restrictive value."""
     def get(name: str, default: int) -> int:
+        data = read_small(os.path.join(sysctl_dir, name))
         try:
-            with open(os.path.join(sysctl_dir, name), "rb") as f:
-                return int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
+            return int(data.split()[0]) if data is not None else default
+        except (ValueError, IndexError):
             return default
     return Sysctls(get("kptr_restrict", 2), get("perf_event_paranoid", 3))
 
@@ -39,20 +42,37 @@ def kallsyms_show_value(s: Sysctls, cap_syslog: bool) -> bool:
 
 @dataclass(frozen=True)
 class ProcessCreds:
-    """What /proc/<pid>/status says about a process."""
+    """What /proc/<pid>/status and /proc/<pid>/ns/user say about a process.
+
+    ``cap_syslog`` is CAP_SYSLOG *in the initial user namespace*, as the kernel asks for
+    it (security_capable(cred, &init_user_ns, CAP_SYSLOG)): CapEff counts only when the
+    process is in the daemon's own user namespace.
+    """
 
     tgid: int
     uid: int
     cap_syslog: bool
+    userns: str | None = None
 
 
-def process_creds(pid: int, procfs: str = "/proc") -> ProcessCreds | None:
-    """Thread id -> thread group, effective uid, CAP_SYSLOG in CapEff. None if gone."""
+def user_namespace(pid: int | str, procfs: str = "/proc") -> str | None:
+    """``user:[inode]`` of a process's user namespace, None if unreadable."""
     try:
-        with open(os.path.join(procfs, str(pid), "status"), "rb") as f:
-            text = f.read().decode("ascii", "replace")
+        return os.readlink(os.path.join(procfs, str(pid), "ns", "user"))
     except OSError:
         return None
+
+
+def process_creds(pid: int, procfs: str = "/proc",
+                  init_userns: str | None = None) -> ProcessCreds | None:
+    """Thread id -> thread group, effective uid, CAP_SYSLOG as the kernel sees it. None if
+    gone. ``init_userns`` is the namespace counted as initial (default: the caller's own,
+    ``procfs/self``): a process in any other has no CAP_SYSLOG whatever its CapEff says.
+    """
+    status = read_small(os.path.join(procfs, str(pid), "status"))
+    if status is None:
+        return None
+    text = status.decode("ascii", "replace")
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     try:
         tgid = int(fields["Tgid"])
@@ -60,4 +80,16 @@ def process_creds(pid: int, procfs: str = "/proc") -> ProcessCreds | None:
         capeff = int(fields["CapEff"].strip(), 16)
     except (KeyError, ValueError, IndexError):
         return None
-    return ProcessCreds(tgid, euid, bool(capeff >> CAP_SYSLOG & 1))
+    ns = user_namespace(pid, procfs)
+    if init_userns is None:
+        init_userns = user_namespace("self", procfs)
+    in_init = ns is not None and ns == init_userns
+    return ProcessCreds(tgid, euid, bool(capeff >> CAP_SYSLOG & 1) and in_init, ns)
+
+
+def read_small(path: str) -> bytes | None:
+    """A small procfs/sysctl file, or None; never blocks on a FIFO planted there."""
+    try:
+        return read_regular(path, 1 << 16)
+    except SourceError:
+        return None

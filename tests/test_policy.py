@@ -35,8 +35,16 @@ def test_unreadable_sysctls_count_as_most_restrictive(tmp_path):
     assert read_sysctls(str(tmp_path)) == Sysctls(2, 3)
 
 
-def fake_proc(root: Path, pid: int, tgid: int, uid: int, capeff: int, kptr=0, paranoid=2):
-    (root / str(pid)).mkdir(parents=True, exist_ok=True)
+INIT_NS = "user:[4026531837]"
+
+
+def fake_proc(root: Path, pid: int, tgid: int, uid: int, capeff: int, kptr=0, paranoid=2,
+              userns: str = INIT_NS):
+    """A procfs tree: ``pid``'s status and ns/user, the reader's own (``self``) in INIT_NS."""
+    for p, ns in ((str(pid), userns), ("self", INIT_NS)):
+        (root / p / "ns").mkdir(parents=True, exist_ok=True)
+        if not (root / p / "ns" / "user").is_symlink():
+            os.symlink(ns, root / p / "ns" / "user")
     (root / str(pid) / "status").write_text(
         f"Name:\tx\nTgid:\t{tgid}\nPid:\t{pid}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
         f"CapEff:\t{capeff:016x}\n")
@@ -52,6 +60,27 @@ def test_process_creds_reads_tgid_and_cap_syslog(tmp_path):
     c = process_creds(201, str(tmp_path))
     assert (c.tgid, c.uid, c.cap_syslog) == (200, 65534, False)
     assert process_creds(999, str(tmp_path)) is None
+
+
+def test_cap_syslog_counts_only_in_the_initial_user_namespace(tmp_path):
+    """CapEff is relative to the process's own namespace; the kernel asks in the initial
+    one (security_capable(cred, &init_user_ns, CAP_SYSLOG))."""
+    fake_proc(tmp_path, 301, 301, 0, (1 << 41) - 1, userns="user:[4026532999]")
+    c = process_creds(301, str(tmp_path))
+    assert c.cap_syslog is False and c.userns == "user:[4026532999]"
+    assert process_creds(301, str(tmp_path), init_userns="user:[4026532999]").cap_syslog
+    os.unlink(tmp_path / "301" / "ns" / "user")  # unreadable namespace: no capability
+    assert process_creds(301, str(tmp_path)).cap_syslog is False
+
+
+def test_device_gives_a_namespaced_root_zeros(tmp_path):
+    ks = tmp_path / "kallsyms"
+    ks.write_text(KS)
+    proc = tmp_path / "proc"
+    fake_proc(proc, 41, 41, 0, (1 << 41) - 1, userns="user:[4026532999]")
+    dev = Device(Sources(str(ks), None), procfs=str(proc))
+    fh = dev.open(41, os.O_RDONLY)
+    assert not parse_image(dev.read(fh, 1 << 24, 0)).syms["st_value"].any()
 
 
 @pytest.mark.parametrize("kptr,paranoid,capeff,real", [

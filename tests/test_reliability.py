@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -267,3 +268,62 @@ def test_dead_daemon_probe_is_fast():
     assert mount_state("/nonexistent/ksyms") == "none"
     assert time.monotonic() - t0 < 1
     assert subprocess.run(["true"]).returncode == 0
+
+
+def _mixed_loop(path: str, nobody: bool, q, seconds: float):
+    """Open/read/close in a loop as root or nobody: (who, cycles, errors, leaks, wrong)."""
+    import pwd
+
+    from ksymsfs import parse_image
+    if nobody:
+        u = pwd.getpwnam("nobody")
+        os.setgroups([])
+        os.setgid(u.pw_gid)
+        os.setuid(u.pw_uid)
+    end = time.monotonic() + seconds
+    cycles, errs, leaks, wrong = 0, {}, 0, 0
+    while time.monotonic() < end:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            shows = bool(parse_image(data).syms["st_value"].any())
+            leaks += nobody and shows
+            wrong += (not nobody) and not shows
+            cycles += 1
+        except OSError as e:
+            name = errno.errorcode.get(e.errno, str(e.errno))
+            errs[name] = errs.get(name, 0) + 1
+    q.put(("nobody" if nobody else "root", cycles, errs, leaks, wrong))
+
+
+@pytest.mark.slow
+@pytest.mark.fuse
+def test_mixed_soak_root_and_nobody(tmp_path):
+    """Root and nobody open the live-kernel --allow-other mount in loops: nobody never sees
+    an address, root always does; how often each is refused is the measured lockout."""
+    require_fuse()
+    import tempfile
+    seconds = float(os.environ.get("KSYMSFS_SOAK_SECONDS", "60"))
+    d = Path(tempfile.mkdtemp(prefix="ksymsfs-mixed-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    m = Mount(d / "ksyms", "--allow-other")
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_mixed_loop, args=(str(m.path), who, q, seconds))
+             for who in (True, True, False, False)]  # nobody first: worst for root
+    try:
+        for p in procs:
+            p.start()
+        results = [q.get(timeout=seconds + 120) for _ in procs]
+        for p in procs:
+            p.join(10)
+    finally:
+        m.stop()
+        shutil.rmtree(d, ignore_errors=True)
+    report = f"mixed soak {seconds:.0f}s: {results}"
+    print(report)
+    Path(os.environ.get("KSYMSFS_MIXED_REPORT", tmp_path / "mixed.txt")).write_text(report)
+    assert sum(r[3] for r in results) == 0  # no leak
+    assert sum(r[4] for r in results) == 0  # root got real addresses every time
+    assert all(set(r[2]) <= {"EBUSY"} for r in results), results
+    assert sum(r[1] for r in results if r[0] == "root") > 0

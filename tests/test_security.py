@@ -1,0 +1,753 @@
+"""Hostile local users (issue 11): no address leak, no crashed readers, no hangs, no lockout."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import itertools
+import mmap
+import os
+import pickle
+import pwd
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ksymsfs import KIOCGSIZE, parse_image
+from ksymsfs.device import SIZE_BUCKET
+from tests.fuse_harness import Mount, require_fuse, write_sources
+
+pytestmark = pytest.mark.fuse
+CLONE_NEWUSER = 0x10000000
+NOBODY = pwd.getpwnam("nobody")
+
+
+@pytest.fixture(autouse=True)
+def _need_fuse():
+    require_fuse()
+
+
+@pytest.fixture
+def public_dir():
+    """A directory every user can traverse (pytest's tmp_path is root-only)."""
+    d = Path(tempfile.mkdtemp(prefix="ksymsfs-sec-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+# -- running a step list in a forked child -------------------------------------------------
+def in_child(fn: Callable[[], object], timeout: float = 60) -> object:
+    """``fn()`` in a forked child; its result (or the OSError it raised) comes back."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            out: object = ("ok", fn())
+        except OSError as e:
+            out = ("oserror", e.errno)
+        except BaseException as e:  # noqa: BLE001
+            out = ("error", repr(e))
+        os.write(w, pickle.dumps(out))
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert data, f"child died: status {status}"
+    kind, val = pickle.loads(data)
+    if kind == "error":
+        raise AssertionError(f"child failed: {val}")
+    return OSError(val, os.strerror(val)) if kind == "oserror" else val
+
+
+def become_nobody() -> None:
+    os.setgroups([])
+    os.setgid(NOBODY.pw_gid)
+    os.setuid(NOBODY.pw_uid)
+    # a uid change makes the process non-dumpable: its /proc/self would stay root's and
+    # it could not write its own uid_map
+    ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+
+
+def enter_userns() -> None:
+    """unshare(CLONE_NEWUSER) and map our uid/gid to 0 inside (``unshare -U -r``)."""
+    uid, gid = os.geteuid(), os.getegid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWUSER) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    Path("/proc/self/setgroups").write_text("deny")
+    Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
+    Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+
+
+def device_shows(path: str) -> bool:
+    """Open, read and parse the device: does the image hold any non-zero address?"""
+    with open(path, "rb") as f:
+        return bool(parse_image(f.read()).syms["st_value"].any())
+
+
+def kernel_shows() -> bool:
+    """Does the kernel's own /proc/kallsyms give this process real addresses?"""
+    with open("/proc/kallsyms", "rb") as f:
+        lines = list(itertools.islice(f, 2000))
+    return any(int(line.split()[0], 16) for line in lines)
+
+
+OPENERS: dict[str, list[Callable[[], None]]] = {
+    "root": [],
+    "nobody": [become_nobody],
+    "nobody in userns": [become_nobody, enter_userns],
+    "nobody in nested userns": [become_nobody, enter_userns, enter_userns],
+    "root in userns": [enter_userns],
+    "root in nested userns": [enter_userns, enter_userns],
+}
+
+
+def as_opener(steps: list[Callable[[], None]], path: str) -> tuple[bool, bool]:
+    def run() -> tuple[bool, bool]:
+        for step in steps:
+            step()
+        return device_shows(path), kernel_shows()
+    out = in_child(run)
+    assert not isinstance(out, OSError), out
+    return out
+
+
+def test_user_namespaces_get_what_the_kernel_gives(public_dir):
+    """CAP_SYSLOG counts only in the initial user namespace: unshare -U -r (CapEff full
+    inside) gets zeros, from the kernel and from the device alike."""
+    m = Mount(public_dir / "ksyms", "--allow-other")
+    try:
+        seen = {name: as_opener(steps, str(m.path)) for name, steps in OPENERS.items()}
+    finally:
+        m.stop()
+    print(seen)
+    for name, (dev, kern) in seen.items():
+        assert dev == kern, f"{name}: device shows {dev}, kernel shows {kern}"
+    assert seen["root"] == (True, True)
+    if int(Path("/proc/sys/kernel/perf_event_paranoid").read_text()) > 1:
+        assert not any(d for name, (d, _) in seen.items() if name != "root")
+
+
+def _expected(kptr: int, paranoid: int, cap_syslog: bool) -> bool:
+    return (kptr == 0 and paranoid <= 1) or (kptr <= 1 and cap_syslog)
+
+
+def test_every_sysctl_setting_for_every_opener(public_dir):
+    """kptr_restrict 0/1/2 x perf_event_paranoid -1/1/2/3 for root, nobody and root in a
+    user namespace (which has no CAP_SYSLOG in the initial one)."""
+    sysctl = public_dir / "sysctl"
+    sysctl.mkdir()
+    ks, mods = write_sources(public_dir / "src", ["alpha"])
+    os.chmod(public_dir / "src", 0o755)
+    m = Mount(public_dir / "ksyms", "--allow-other", "--sysctl-dir", str(sysctl),
+              "--kallsyms", str(ks), "--modules", str(mods))
+    who = {"root": ([], True), "nobody": ([become_nobody], False),
+           "root in userns": ([enter_userns], False)}
+    try:
+        for kptr, paranoid in itertools.product((0, 1, 2), (-1, 1, 2, 3)):
+            (sysctl / "kptr_restrict").write_text(f"{kptr}\n")
+            (sysctl / "perf_event_paranoid").write_text(f"{paranoid}\n")
+            for name, (steps, cap) in who.items():
+                dev, _ = as_opener(steps, str(m.path))
+                assert dev == _expected(kptr, paranoid, cap), (kptr, paranoid, name)
+    finally:
+        m.stop()
+
+
+def test_setuid_after_open_keeps_the_openers_view(public_dir):
+    """Decided at open from the opener's credentials, as the kernel does (f_cred)."""
+    m = Mount(public_dir / "ksyms", "--allow-other")
+
+    def run() -> tuple[bool, bool]:
+        fd = os.open(m.path, os.O_RDONLY)
+        kfd = os.open("/proc/kallsyms", os.O_RDONLY)
+        become_nobody()
+        data = os.pread(fd, 1 << 28, 0)
+        ktext = os.read(kfd, 1 << 16)
+        return (bool(parse_image(data).syms["st_value"].any()),
+                any(int(line.split()[0], 16) for line in ktext.splitlines()[:-1]))
+    try:
+        assert in_child(run) == (True, True)
+    finally:
+        m.stop()
+
+
+def _recv_fd(sock: socket.socket) -> int:
+    _, anc, _, _ = sock.recvmsg(1, socket.CMSG_LEN(4))
+    return struct.unpack("i", anc[0][2][:4])[0]
+
+
+def test_descriptor_passed_over_scm_rights_reads_the_openers_snapshot(public_dir):
+    """The receiver (nobody) reads root's open, like a passed /proc/kallsyms descriptor;
+    its own open is still judged by its own credentials."""
+    m = Mount(public_dir / "ksyms", "--allow-other")
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def receiver() -> tuple[bool, bool]:
+        a.close()
+        become_nobody()
+        b.send(b"r")
+        fd = _recv_fd(b)
+        passed = bool(parse_image(os.pread(fd, 1 << 28, 0)).syms["st_value"].any())
+        os.close(fd)
+        b.recv(1)  # root has closed its copy
+        time.sleep(0.2)
+        return passed, device_shows(str(m.path))
+    box: list = []
+    try:  # the child is forked before the open, so it holds only what it is sent
+        t = threading.Thread(target=lambda: box.append(in_child(receiver)))
+        t.start()
+        assert a.recv(1) == b"r"
+        fd = os.open(m.path, os.O_RDONLY)
+        a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+        os.close(fd)
+        a.send(b"c")
+        t.join(60)
+        assert box == [(True, False)]
+    finally:
+        a.close()
+        b.close()
+        m.stop()
+
+
+# -- nobody's reader is hurt by anyone else (size semantics) --------------------------------
+def _size_views(fd: int) -> tuple[int, int, int, int]:
+    """(fstat, KIOCGSIZE, bytes read, mmap length) of one descriptor."""
+    buf = bytearray(8)
+    fcntl.ioctl(fd, KIOCGSIZE, buf)
+    data = os.pread(fd, 1 << 28, 0)
+    size = os.fstat(fd).st_size
+    mm = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ)
+    try:
+        assert mm[:] == data
+        n = len(mm)
+    finally:
+        mm.close()
+    return size, struct.unpack("=Q", buf)[0], len(data), n
+
+
+def _big_then_small(d: Path) -> None:
+    """Unload enough modules that the image shrinks by more than a size bucket."""
+    write_sources(d, ["alpha"])
+
+
+def test_mapping_held_across_a_module_unload_survives_others_stat(tmp_path):
+    """Before: a mapped bigger snapshot got SIGBUS once another process opened and stat'ed
+    the smaller new one (the inode's size is shared). Now the served size never shrinks
+    while anything is open or mapped, and the mapping's data stays its own snapshot."""
+    src = tmp_path / "src"
+    ks, mods = write_sources(src, [f"m{i}" for i in range(150)])
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+
+    def holder(ready_w: int, go_r: int) -> tuple[int, int, bytes]:
+        fd = os.open(m.path, os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        mm = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ)
+        own = os.pread(fd, 1 << 28, 0)
+        os.write(ready_w, b"r")
+        os.read(go_r, 1)
+        tail = mm[size - 4096:]  # SIGBUS here with the old code
+        return size, len(own), bytes(tail) if mm[:] == own else b"DIFFERENT"
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    box: list = []
+    try:
+        t = threading.Thread(target=lambda: box.append(in_child(lambda: holder(ready_w,
+                                                                                go_r))))
+        t.start()
+        assert os.read(ready_r, 1) == b"r"
+        _big_then_small(src)
+        new = in_child(lambda: (os.stat(m.path).st_size,
+                                len(open(m.path, "rb").read()),
+                                os.stat(m.path).st_size))
+        os.write(go_w, b"g")
+        t.join(60)
+        assert len(box) == 1 and isinstance(box[0], tuple), box
+        size, nread, tail = box[0]
+        assert size == nread and tail != b"DIFFERENT"
+        assert new == (size, size, size)  # the served size did not drop under the mapping
+        # after everyone closed, the size follows the latest snapshot again
+        assert os.stat(m.path).st_size < size
+        assert os.stat(m.path).st_size % SIZE_BUCKET == 0
+    finally:
+        for fd in (ready_r, ready_w, go_r, go_w):
+            os.close(fd)
+        m.stop()
+
+
+def test_inherited_descriptor_sizes_agree_after_a_change(tmp_path):
+    """fstat, KIOCGSIZE, read and mmap agree for a descriptor a child inherited, also after
+    the sources changed and someone else opened the new snapshot."""
+    src = tmp_path / "src"
+    ks, mods = write_sources(src, [f"m{i}" for i in range(150)])
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+    try:
+        fd = os.open(m.path, os.O_RDONLY)
+        before = _size_views(fd)
+        assert len(set(before)) == 1
+        _big_then_small(src)
+        small = in_child(lambda: _size_views(os.open(m.path, os.O_RDONLY)))
+        inherited = in_child(lambda: _size_views(fd))
+        assert inherited == before and small == before, (before, small, inherited)
+        img = parse_image(os.pread(fd, 1 << 28, 0))
+        assert "m149" in img.modules  # still the snapshot taken at open
+        os.close(fd)
+        time.sleep(0.3)
+        after = _size_views(os.open(m.path, os.O_RDONLY))
+        assert len(set(after)) == 1 and after[0] < before[0]
+    finally:
+        m.stop()
+
+
+def test_readelf_as_root_survives_nobody_stat_loop_under_churn(public_dir):
+    """eu-readelf maps the file; another user stats (and opens) it in a loop while modules
+    come and go: no reader may die of SIGBUS."""
+    tool = shutil.which("eu-readelf")
+    if tool is None:
+        pytest.skip("eu-readelf not installed")
+    src = public_dir / "src"
+    ks, mods = write_sources(src, [f"m{i}" for i in range(150)])
+    os.chmod(src, 0o755)
+    m = Mount(public_dir / "ksyms", "--allow-other", "--kallsyms", str(ks), "--modules",
+              str(mods))
+    stop = threading.Event()
+
+    def churn() -> None:
+        k = 0
+        while not stop.is_set():
+            k += 1
+            write_sources(src, [f"m{i}" for i in range(150 if k % 2 else 1)])
+            time.sleep(0.05)
+
+    def stat_loop() -> int:  # stats, and now and then an open that builds a snapshot
+        become_nobody()
+        n = 0
+        end = time.monotonic() + 8
+        while time.monotonic() < end:
+            os.stat(m.path)
+            n += 1
+            if n % 20 == 0:
+                try:
+                    with open(m.path, "rb") as f:
+                        f.read(64)
+                except OSError as e:  # held by root, or caught mid-churn
+                    assert e.errno in (errno.EBUSY, errno.ENXIO)
+        return n
+    box: list = []
+    threads = [threading.Thread(target=churn),
+               threading.Thread(target=lambda: box.append(in_child(stat_loop)))]
+    try:
+        for t in threads:
+            t.start()
+        deaths, ok = [], 0
+        for _ in range(15):
+            r = subprocess.run([tool, "-S", str(m.path)], capture_output=True)
+            if r.returncode < 0:
+                deaths.append(signal.Signals(-r.returncode).name)
+            elif r.returncode == 0 and b".symtab" in r.stdout:
+                ok += 1
+            else:  # caught mid-churn (ENXIO), or the old code's lockout (EBUSY)
+                assert b"busy" in r.stderr or b"No such device" in r.stderr, r.stderr
+        assert deaths == [] and ok > 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        m.stop()
+    assert box and box[0] > 0
+
+
+# -- one open per process, robustly ------------------------------------------------------
+@pytest.fixture
+def captured(tmp_path):
+    ks, mods = write_sources(tmp_path / "src", ["alpha", "beta"])
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+    yield m
+    m.stop()
+
+
+def _open_errno(path: Path) -> int:
+    """0 if this process may open (and close) the device now, else the errno."""
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+DUPS = {"dup": os.dup, "dup2": lambda fd: os.dup2(fd, 200),
+        "F_DUPFD": lambda fd: fcntl.fcntl(fd, fcntl.F_DUPFD, 100),
+        "F_DUPFD_CLOEXEC": lambda fd: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100)}
+
+
+@pytest.mark.parametrize("how", sorted(DUPS))
+def test_closing_a_duplicate_does_not_free_the_slot(captured, how):
+    """Before: close(dup(fd)) sent FLUSH and freed the slot: one process held 8 (up to
+    all 64) snapshots. Now the slot frees at RELEASE, when the last duplicate is gone."""
+    fd = os.open(captured.path, os.O_RDONLY)
+    try:
+        os.close(DUPS[how](fd))
+        assert _open_errno(captured.path) == errno.EBUSY
+        assert os.pread(fd, 4, 0) == b"\x7fELF"
+    finally:
+        os.close(fd)
+    assert _open_errno(captured.path) == 0  # after the last close: promptly free
+
+
+def test_child_holding_an_inherited_descriptor_keeps_the_parents_slot(captured):
+    fd = os.open(captured.path, os.O_RDONLY)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # holds the inherited descriptor until told
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        os.close(fd)
+        assert _open_errno(captured.path) == errno.EBUSY  # the child still holds it
+    finally:
+        os.write(w, b"x")
+        os.close(w)
+        os.waitpid(pid, 0)
+    assert _open_errno(captured.path) == 0
+
+
+def test_passed_descriptor_keeps_the_senders_slot(captured):
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        a.close()
+        b.send(b"r")
+        fd = _recv_fd(b)
+        b.recv(1)
+        os.close(fd)
+        os._exit(0)
+    b.close()
+    try:
+        assert a.recv(1) == b"r"
+        fd = os.open(captured.path, os.O_RDONLY)
+        a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+        os.close(fd)
+        assert _open_errno(captured.path) == errno.EBUSY
+    finally:
+        a.send(b"c")
+        os.waitpid(pid, 0)
+        a.close()
+    assert _open_errno(captured.path) == 0
+
+
+def test_mapping_kept_after_close_keeps_the_slot(captured):
+    fd = os.open(captured.path, os.O_RDONLY)
+    mm = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_PRIVATE, mmap.PROT_READ)
+    os.close(fd)
+    assert _open_errno(captured.path) == errno.EBUSY
+    assert mm[:4] == b"\x7fELF"
+    mm.close()
+    assert _open_errno(captured.path) == 0
+
+
+def test_tight_open_close_loop_never_ebusy(captured):
+    """The FLUSH race fixed earlier stays fixed: close() then open() is never EBUSY (the
+    open waits, bounded, for the RELEASE that follows the close)."""
+    errs = [e for e in (_open_errno(captured.path) for _ in range(500)) if e]
+    assert errs == []
+
+
+# -- sources can't wedge the daemon -------------------------------------------------------
+def _open_in_child(path: Path, timeout: float = 20) -> int:
+    """errno of open+read+close by a forked child (0 if fine); fails if it hangs."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(_open_errno(path))
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    raise AssertionError(f"open of {path} still blocked after {timeout}s")
+
+
+def _unblock(fifo: Path) -> None:
+    """Let anything stuck reading ``fifo`` go (the old code blocked in open)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+def test_fifo_source_is_refused_at_mount(tmp_path):
+    fifo = tmp_path / "kallsyms"
+    os.mkfifo(fifo)
+    try:
+        with pytest.raises(RuntimeError) as e:
+            Mount(tmp_path / "ksyms", "--kallsyms", str(fifo), "--modules", "/dev/zero",
+                  timeout=20)
+        assert "not a regular file" in str(e.value)
+    finally:
+        _unblock(fifo)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "chardev"])
+def test_source_that_becomes_non_regular_gives_enxio(tmp_path, kind):
+    """A path that becomes a FIFO, a socket or /dev/zero between opens: the open fails
+    at once with ENXIO (before: blocked unkillably, or read /dev/zero until OOM)."""
+    ks, mods = write_sources(tmp_path / "src", ["alpha"])
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+    sock = None
+    try:
+        assert _open_in_child(m.path) == 0
+        os.unlink(ks)
+        if kind == "fifo":
+            os.mkfifo(ks)
+        elif kind == "socket":
+            sock = socket.socket(socket.AF_UNIX)
+            sock.bind(str(ks))
+        else:
+            os.symlink("/dev/zero", ks)
+        assert _open_in_child(m.path) == errno.ENXIO
+        out = m.output()  # a socket already fails open(2) itself with ENXIO
+        assert "not a regular file" in out or (kind == "socket" and "cannot read" in out)
+    finally:
+        if kind == "fifo":
+            _unblock(ks)
+        if sock is not None:
+            sock.close()
+        m.stop()
+
+
+def test_source_over_the_read_cap_gives_enxio(tmp_path):
+    ks, mods = write_sources(tmp_path / "src", ["alpha"], nkernel=60000)  # ~1.7 MB
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods),
+              "--max-read", "2")
+    try:
+        assert _open_in_child(m.path) == 0
+        write_sources(tmp_path / "src", ["alpha"], nkernel=100000)  # ~2.9 MB
+        assert _open_in_child(m.path) == errno.ENXIO
+        assert "read cap" in m.output()
+    finally:
+        m.stop()
+
+
+def _holder(path: Path) -> tuple[int, int]:
+    """A child holding the device open until told: (pid, pipe to tell it)."""
+    r, w = os.pipe()
+    rr, ww = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.close(rr)
+        err = _open_errno_keep(path)
+        os.write(ww, bytes([err]))
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    os.close(ww)
+    err = os.read(rr, 1)[0]
+    os.close(rr)
+    return pid, w, err
+
+
+def _open_errno_keep(path: Path) -> int:
+    try:
+        os.open(path, os.O_RDONLY)  # kept open until the process exits
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+def _let_go(holders: list) -> None:
+    for pid, w, _ in holders:
+        os.write(w, b"x")
+        os.close(w)
+        os.waitpid(pid, 0)
+
+
+def test_memory_budget_answers_enomem_and_shared_images_count_once(tmp_path):
+    """--max-memory 1 (MiB) with ~390 KB images: any number of holders of one snapshot
+    fit; a third different snapshot held at once does not (ENOMEM); a close frees it."""
+    src = tmp_path / "src"
+    ks, mods = write_sources(src, ["alpha"], nkernel=10000)
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods),
+              "--max-memory", "1")
+    held: list = []
+    try:
+        held += [_holder(m.path) for _ in range(5)]  # one snapshot, shared
+        assert [h[2] for h in held] == [0] * 5
+        write_sources(src, ["alpha", "beta"], nkernel=10000)
+        held.append(_holder(m.path))
+        assert held[-1][2] == 0
+        write_sources(src, ["alpha", "beta", "gamma"], nkernel=10000)
+        assert _open_in_child(m.path) == errno.ENOMEM
+        assert "memory budget" in m.output()
+        _let_go(held[:5])
+        held = held[5:]
+        assert _open_in_child(m.path) == 0
+    finally:
+        _let_go(held)
+        m.stop()
+
+
+# -- lockout: as small as one page cache allows -------------------------------------------
+def _nobody_holder(path: Path) -> tuple[int, int, int]:
+    """A forked nobody holding the device open until told: (pid, pipe, open errno)."""
+    r, w = os.pipe()
+    rr, ww = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.close(rr)
+        become_nobody()
+        os.write(ww, bytes([_open_errno_keep(path)]))
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    os.close(ww)
+    err = os.read(rr, 1)[0]
+    os.close(rr)
+    return pid, w, err
+
+
+def test_privileged_open_waits_out_a_brief_unprivileged_holder(public_dir):
+    """Before: any unprivileged open made root's opens fail EBUSY at once. Now root waits
+    (bounded) for it to go; the holder here closes while root waits."""
+    m = Mount(public_dir / "ksyms", "--allow-other")
+    try:
+        holder = _nobody_holder(m.path)
+        assert holder[2] == 0
+        threading.Timer(0.3, _let_go, [[holder]]).start()
+        assert _open_errno(m.path) == 0
+    finally:
+        m.stop()
+
+
+def test_unprivileged_opens_queue_behind_a_waiting_privileged_one(public_dir):
+    """While root waits, a new unprivileged open is refused at once (root goes first), so
+    a stream of short unprivileged opens cannot starve root."""
+    m = Mount(public_dir / "ksyms", "--allow-other")
+    try:
+        holder = _nobody_holder(m.path)
+        assert holder[2] == 0
+        r, w = os.pipe()
+        late = os.fork()
+        if late == 0:  # a second nobody, ready before root starts waiting
+            become_nobody()
+            os.read(r, 1)
+            os._exit(_open_errno(m.path))
+        root: list = []
+        t = threading.Thread(target=lambda: root.append(_open_errno(m.path)))
+        t.start()
+        time.sleep(0.2)
+        os.write(w, b"g")
+        _, status = os.waitpid(late, 0)
+        _let_go([holder])
+        t.join(30)
+        assert os.waitstatus_to_exitcode(status) == errno.EBUSY
+        assert root == [0]
+    finally:
+        m.stop()
+
+
+def test_unprivileged_holder_that_stays_still_locks_out_root(public_dir):
+    """The corner that cannot be closed with one inode (README "Security"): while an
+    unprivileged descriptor or mapping lasts, root's open waits, then EBUSY; nothing leaks."""
+    m = Mount(public_dir / "ksyms", "--allow-other")
+    try:
+        holder = _nobody_holder(m.path)
+        assert holder[2] == 0
+        assert _open_errno(m.path) == errno.EBUSY
+        assert "other address rights" in m.output()
+        _let_go([holder])
+        assert _open_errno(m.path) == 0
+    finally:
+        m.stop()
+
+
+# -- bounded concurrency -------------------------------------------------------------------
+def _threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+
+
+def test_hundreds_of_concurrent_openers_keep_threads_bounded(public_dir):
+    """300 processes open at once (before: one daemon thread per concurrent open, 3,002
+    for 3,000). Opens beyond --max-pending fail at once with EAGAIN."""
+    ks, mods = write_sources(public_dir / "src", ["alpha"], nkernel=60000)
+    os.chmod(public_dir / "src", 0o755)
+    m = Mount(public_dir / "ksyms", "--allow-other", "--kallsyms", str(ks), "--modules",
+              str(mods), "--max-pending", "8")
+    r, w = os.pipe()
+    kids = []
+    try:
+        for _ in range(300):
+            pid = os.fork()
+            if pid == 0:
+                os.close(w)
+                become_nobody()
+                os.read(r, 1)
+                os._exit(_open_errno(m.path))
+            kids.append(pid)
+        os.close(r)
+        base = _threads(m.pid)
+        os.write(w, b"g" * 300)
+        peak, codes = base, []
+        while len(codes) < len(kids):
+            peak = max(peak, _threads(m.pid))
+            done, status = os.waitpid(-1, os.WNOHANG)
+            if done:
+                codes.append(os.waitstatus_to_exitcode(status))
+            else:
+                time.sleep(0.005)
+        got = {errno.errorcode.get(c, c) if c else "ok": codes.count(c) for c in set(codes)}
+        print(f"300 concurrent opens: {got}, daemon threads {base} -> peak {peak}")
+        assert set(got) <= {"ok", "EAGAIN"} and got.get("ok", 0) > 0, got
+        assert peak <= base + 8 + 16, peak  # --max-pending, plus libfuse's idle workers
+        if got.get("EAGAIN"):
+            assert "--max-pending" in m.output()
+    finally:
+        os.close(w)
+        m.stop()
+
+
+# -- operability: every refusal logged, never an address -----------------------------------
+HEX_ADDRESS = re.compile(r"[0-9a-fA-F]{8,}")
+
+
+def test_refused_opens_are_logged_without_addresses(tmp_path):
+    """A malformed kallsyms line carries an address; the log names pid, uid, errno and
+    reason, and no hex run of 8+ digits appears anywhere in it."""
+    ks, mods = write_sources(tmp_path / "src", ["alpha"])
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+    try:
+        fd = os.open(m.path, os.O_RDONLY)
+        assert _open_errno(m.path) == errno.EBUSY
+        os.close(fd)
+        ks.write_text(ks.read_text() + "ffffffff81234567 T\n")  # no name: ParseError
+        assert _open_in_child(m.path) == errno.ENXIO
+        for flags in (os.O_WRONLY, os.O_RDWR):
+            with pytest.raises(OSError):
+                os.open(m.path, flags)
+        log = m.output()
+    finally:
+        m.stop()
+    refused = [line for line in log.splitlines() if "open refused" in line]
+    assert any("EBUSY" in line and " uid 0" in line for line in refused), log
+    assert any("ENXIO" in line and "kallsyms" in line for line in refused), log
+    assert all(re.search(r"pid \d+ uid \d+", line) for line in refused)
+    assert not HEX_ADDRESS.search(log), log
