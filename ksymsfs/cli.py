@@ -25,6 +25,10 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
                         "kernel, none for a captured --kallsyms)")
     g.add_argument("--sections", metavar="DIR",
                    help="directory laid out like /sys/module (<module>/sections/<section>)")
+    g.add_argument("--notes", metavar="FILE",
+                   help="the kernel's ELF notes (a copy of /sys/kernel/notes; default: that "
+                        "file for the live kernel); module build-ids come from "
+                        "--sections DIR/<module>/notes/")
     g.add_argument("--lenient", action="store_true",
                    help="skip lines that are not symbol lines (headers, separators) "
                         "instead of failing on them")
@@ -51,6 +55,9 @@ def sources_from_args(a: argparse.Namespace) -> Sources:
             src.sections = a.sections
     else:
         src = Sources(a.kallsyms, a.modules, a.sections, modules_optional=False)
+        src.notes = None
+    if a.notes:
+        src.notes, src.notes_strict = a.notes, True
     src.lenient = a.lenient
     return src
 
@@ -99,19 +106,28 @@ def _parser() -> argparse.ArgumentParser:
 def _write_atomic(path: str, data: bytes) -> None:
     """Write to a temporary file beside ``path`` and rename: never a partial output."""
     if path == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        _write_data(sys.stdout.buffer, data)
         return
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".ksymsfs-", dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            _write_data(f, data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _write_data(f, data) -> None:
+    """bytes, or a VirtualImage written sparse (its zeros become a hole where they can)."""
+    if hasattr(data, "write_to"):
+        f.flush()
+        data.write_to(f.fileno())
+    else:
+        f.write(data)
+        f.flush()
 
 
 def cmd_snapshot(a: argparse.Namespace) -> int:

@@ -130,7 +130,7 @@ class Device:
             with self._lock:
                 img = self._images.get(show) if snap is self._snap else None
             if img is None:
-                img = bytes(snapshot_image(snap, not show, **self.target_overrides))
+                img = snapshot_image(snap, not show, **self.target_overrides)  # VirtualImage
                 with self._lock:
                     if snap is self._snap:  # immutable bytes: shared between opens
                         self._images[show] = img

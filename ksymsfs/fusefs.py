@@ -128,11 +128,8 @@ class _ZeroCopyFUSE(FUSE):
             image = self.operations.device.image_of(fip.contents.fh)
         except KsymsError as e:
             return -e.errno
-        n = max(0, min(size, len(image) - offset))
-        if n:
-            base = ctypes.cast(ctypes.c_char_p(image), ctypes.c_void_p).value
-            ctypes.memmove(buf, base + offset, n)
-        return n
+        address = ctypes.cast(buf, ctypes.c_void_p).value  # buf: a ctypes pointer
+        return image.copy_into(address, offset, size)  # stored bytes and zeros (VirtualImage)
 
 
 def serve(device: Device, mountpoint: str, *, allow_other: bool = False, debug: bool = False,
