@@ -390,6 +390,9 @@ def _sections(table, addr, cls, rank, section_bases):
             base = kernel_text_base(table.name(f_sym), table.name(l_sym), base)
         keys.append(_section_base(base, mods[f_mod], start, bases))
         kinds.append((sh_type, flags))
+    ktext = [i for i, (t, f) in enumerate(kinds) if f & lt.SHF_EXECINSTR and not keys[i][1]]
+    if ktext:  # the main kernel text is the biggest run: always ".text" (gdb, perf)
+        keys[max(ktext, key=counts.__getitem__)] = (".text", "")
     names = unique_names(keys, counts)
     sections = [Section(nm, t, f, s, e - s) for nm, (t, f), s, e in
                 zip(names, kinds, a[firsts].tolist(), runs.ends.tolist())]

@@ -185,9 +185,12 @@ def perf_data(tmp_path_factory, live_image: Path) -> Path:
 
 
 def _frames(perf_data: Path, *args: str | Path) -> list[tuple[int, str]]:
-    r = run_tool(need_tool("perf"), "script", "-i", perf_data, "-F", "ip,sym", *args,
+    r = run_tool(need_tool("perf"), "script", "-v", "-i", perf_data, "-F", "ip,sym", *args,
                  timeout=600)
     assert r.returncode == 0, r.stderr
+    if "--vmlinux" in args:  # perf used the image, it did not fall back to kallsyms
+        vmlinux = args[args.index("--vmlinux") + 1]
+        assert f"Using {vmlinux} for symbols" in r.stderr.decode(), r.stderr[-2000:]
     out = []
     for line in r.stdout.decode("utf-8", "replace").splitlines():
         m = KERNEL_FRAME.match(line)
