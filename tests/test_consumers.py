@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import struct
 import subprocess
 from collections import Counter, defaultdict
@@ -293,11 +294,10 @@ def test_gdb_memory_reads_as_zeros(live_image: Path) -> None:
     assert r.returncode == 0 and not r.stderr, r.stderr
     out = r.stdout.decode()
     assert "0x7f\t0x45" not in out and "ELF" not in out
-    vals = re.findall(r"0x[0-9a-f]+", out.split(":", 1)[1] if ":" in out else out)
     assert "$1 = 0x0" in out
     assert all(int(v, 16) == 0 for line in out.splitlines() if ":" in line
                for v in re.findall(r"\t(0x[0-9a-f]{2})\b", line)), out
-    assert vals
+    assert out.count("\t0x00") >= 16
 
 
 def test_gdb_add_symbol_file_moves_all_kernel_text(live_image: Path) -> None:
@@ -345,7 +345,8 @@ def test_eu_addr2line_kernel_and_modules(binun_image: Path) -> None:
 
 
 def test_lief_virtual_address_to_offset(binun_image: Path) -> None:
-    lief = pytest.importorskip("lief") if not IN_CI else __import__("lief")
+    import lief
+
     lief.logging.disable()
     b = lief.parse(str(binun_image))
     for s in unique_sample(image_symbols(binun_image), 3, "lief",
@@ -359,8 +360,8 @@ def test_addr2line_and_llvm_symbolizer(binun_image: Path) -> None:
     r = run_tool(need_tool("addr2line"), "-f", "-e", binun_image, *addrs)
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode().splitlines()[::2] == [s.name for s in sample]
-    exe = next((n for n in ("llvm-symbolizer", "llvm-symbolizer-14") if
-                __import__("shutil").which(n)), "llvm-symbolizer")
+    exe = next((n for n in ("llvm-symbolizer", "llvm-symbolizer-14") if shutil.which(n)),
+               "llvm-symbolizer")
     r = run_tool(need_tool(exe), f"--obj={binun_image}", *addrs)
     assert r.returncode == 0, r.stderr
     names = [ln for ln in r.stdout.decode().splitlines() if ln and not ln.startswith("?")]
