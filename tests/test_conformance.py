@@ -532,3 +532,53 @@ def test_layout_sparse_and_bounded(ds: Dataset) -> None:
     real = len(ds.syms) * 36 + 8 * 1024 * 1024  # symtab + strings + info, generously
     assert st.st_size <= VIRTUAL_CAP + real
     assert st.st_blocks * 512 <= real
+
+
+# --- the virtual image (zeros never stored) ------------------------------------------------
+
+def test_virtual_image_reads_like_its_bytes(tmp_path: Path) -> None:
+    import ctypes
+    import os
+    import threading
+
+    from ksymsfs.vimage import VirtualImage
+
+    parts = [(0, b"head" * 100), (5000, b"tail" * 50)]
+    v = VirtualImage(parts, 5200 + 3000)
+    whole = bytes(v)
+    assert len(whole) == len(v) == 8200 and whole[5000:5004] == b"tail"
+    assert whole[400:5000] == bytes(4600) and whole[5200:] == bytes(3000)
+    rnd = random.Random(1)
+    buf = ctypes.create_string_buffer(9000)
+    for _ in range(300):
+        off, n = rnd.randrange(0, 8400), rnd.randrange(0, 9000)
+        assert v[off:off + n] == whole[off:off + n]
+        got = v.copy_into(ctypes.addressof(buf), off, n)
+        assert buf.raw[:got] == whole[off:off + n]
+    assert v.copy_into(ctypes.addressof(buf), -1, 10) == 0
+    assert b"headhead" in v and b"\0tail" in v and b"nothere" not in v
+    f = tmp_path / "sparse"
+    with open(f, "wb") as out:
+        v.write_to(out.fileno())
+    assert f.read_bytes() == whole
+    r, w = os.pipe()
+    got = bytearray()
+    def drain() -> None:
+        for chunk in iter(lambda: os.read(r, 65536), b""):
+            got.extend(chunk)
+    t = threading.Thread(target=drain)
+    t.start()
+    v.write_to(w)
+    os.close(w)
+    t.join()
+    os.close(r)
+    assert bytes(got) == whole
+
+
+def test_snapshot_to_stdout_equals_file(tmp_path: Path) -> None:
+    """``snapshot -o -`` writes the zeros out (a pipe holds no hole): same bytes."""
+    src = DATA / "binun-taiwan-x86_64"
+    img = build_ok(tmp_path / "f.elf", kallsyms=src / "kallsyms", modules=src / "modules")
+    r = run_ksymsfs("snapshot", "--kallsyms", src / "kallsyms", "--modules", src / "modules",
+                    "-o", "-")
+    assert r.returncode == 0 and r.stdout == img.read_bytes()
