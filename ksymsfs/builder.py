@@ -1,36 +1,32 @@
-"""Build an ELF image (.symtab/.strtab plus address sections) from a SymbolTable.
+"""Build an ELF image (.symtab/.strtab, notes, address sections) from a SymbolTable.
 
-Layout, in file order::
+Layout, in file order (see layout.py for the decisions, README "The image" for why)::
 
-    Elf_Ehdr | Elf_Phdr[1] | .symtab | .strtab | .ksyms.info | .ksyms.modules
-             | .shstrtab | Elf_Shdr[]
+    Elf_Ehdr | Elf_Phdr[] | notes | address sections (zeros, never stored)
+             | .symtab | .strtab | .ksyms.info | .ksyms.modules | .shstrtab | Elf_Shdr[]
 
 Address sections (.text, .rodata, .data, .bss, ... one per run of same-class symbols
-within a module, named ".text[fuse]" for modules) carry no bytes of their own: each
-PROGBITS one overlays the file from offset 0 and is at most as long as the file, so that
-binutils' "section extends past end of file" check holds. See README "Image format".
+within a module, named ".text[fuse]" for modules) sit at their kernel addresses, each in
+its own PT_LOAD, with file bytes of their own that read as zeros ("no contents").
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 
 import numpy as np
 
 from . import letters as lt
 from .elfdefs import (
     ELFCLASS32,
+    ELFDATA2LSB,
     ET_EXEC,
     EV_CURRENT,
-    PF_R,
-    PF_W,
-    PF_X,
-    PT_LOAD,
     SHN_ABS,
     SHN_LORESERVE,
     SHN_UNDEF,
     SHT_NOBITS,
+    SHT_NOTE,
     SHT_PROGBITS,
     SHT_STRTAB,
     SHT_SYMTAB,
@@ -44,21 +40,26 @@ from .elfdefs import (
 )
 from .errors import ImageError
 from .kallsyms import SymbolTable
+from .layout import (
+    Section,
+    cut_runs,
+    kernel_text_base,
+    place,
+    place_nobits,
+    segments,
+    unique_names,
+)
+from .notes import NOTE_SECTION, OTHER_NOTES_SECTION, Notes, split_notes, valid_notes
+from .vimage import VirtualImage
 
 SIZE_CAP = 0x10000  # inferred st_size never exceeds this (drgn's per-cpu gap cap)
 INFO_SECTION = ".ksyms.info"      # Elf32_Word per symtab entry: letter | modname_off << 8
 MODULES_SECTION = ".ksyms.modules"  # string table of module names ("" = kernel)
-
-
-@dataclass
-class Section:
-    """One address section: a run of symbols of one class in one module."""
-
-    name: str
-    sh_type: int
-    sh_flags: int
-    addr: int
-    size: int
+# per section class: allocated? PROGBITS (file bytes)?
+_CLASS_ALLOC = np.array([bool(k[2] & lt.SHF_ALLOC) if k else False for k in
+                         (lt.SECTION_KINDS.get(c) for c in range(9))])
+_CLASS_PROGBITS = np.array([k is not None and k[1] != SHT_NOBITS for k in
+                            (lt.SECTION_KINDS.get(c) for c in range(9))])
 
 
 def _align(n: int, a: int) -> int:
@@ -136,11 +137,23 @@ def _stable_order(rank: np.ndarray, is_global: np.ndarray) -> np.ndarray:
 
 def build_image(table: SymbolTable, target: Target, load_order: list[str] | None = None,
                 hide_addresses: bool = False,
-                section_bases: dict[str, dict[str, int]] | None = None) -> bytearray:
-    """SymbolTable -> ELF image (a bytearray). Same inputs give byte-identical output.
+                section_bases: dict[str, dict[str, int]] | None = None,
+                notes: Notes | None = None) -> bytearray:
+    """The image as one bytearray, zeros included (tests, small tables): ``build_virtual``
+    is what the device and ``snapshot -o`` use."""
+    return bytearray(bytes(build_virtual(table, target, load_order, hide_addresses,
+                                         section_bases, notes)))
+
+
+def build_virtual(table: SymbolTable, target: Target, load_order: list[str] | None = None,
+                  hide_addresses: bool = False,
+                  section_bases: dict[str, dict[str, int]] | None = None,
+                  notes: Notes | None = None) -> VirtualImage:
+    """SymbolTable -> ELF image. Same inputs give byte-identical output.
 
     The symbol table is written straight into the output buffer: peak memory is the
-    table plus one image plus per-symbol index arrays (kept to small dtypes).
+    table plus the image's real bytes plus per-symbol index arrays (small dtypes). The
+    address sections' contents are zeros that are never stored (VirtualImage).
     """
     n = len(table)
     addr = np.zeros(n, np.uint64) if hide_addresses else table.addr
@@ -152,22 +165,22 @@ def build_image(table: SymbolTable, target: Target, load_order: list[str] | None
     rank = np.take(ranks.astype(np.uint16) if len(ranks) <= 1 << 16 else ranks, table.module)
     sym_t = sym_dtype(target.elfclass, target.data)
     modstr, modoff = _module_strtab(table.modules)
-    lay = _Layout(target, n, sym_t, len(table.strtab), len(modstr))
-    # every overlaying PROGBITS section must fit in the file: bound them by a lower
-    # bound of its final size (headers and .shstrtab only add to it)
-    sections, shndx, size = _sections(table, addr, cls, rank, lay.modsoff + len(modstr),
-                                      section_bases)
+    sections, shndx, size = _sections(table, addr, cls, rank, section_bases)
     del cls
-    if len(sections) + 6 >= SHN_LORESERVE:
+    note_secs = _note_sections(notes, table.modules, ranks,
+                               "<" if target.data == ELFDATA2LSB else ">")
+    if len(sections) + len(note_secs) + 6 >= SHN_LORESERVE:
         raise ImageError(f"{len(sections)} address sections: more than ELF section "
                          "numbering allows without SHN_XINDEX")
-    shstr, name_offs = _shstrtab([x.name for x in sections])
+    shstr, name_offs = _shstrtab([x.name for x in sections] + [x[0] for x in note_secs])
     is_global = (info >> 4) != STB_LOCAL
     first_global = 1 + n - int(np.count_nonzero(is_global))
     order = _stable_order(rank, is_global)  # stable: locals first, then kernel→modules
     del rank, is_global
-    out = lay.allocate(len(sections), len(shstr))
-    sym = np.frombuffer(out, sym_t, n + 1, lay.symoff)[1:]
+    lay = _Layout(target, n, sym_t, len(table.strtab), len(modstr), sections, note_secs,
+                  len(shstr))
+    front, out, b = bytearray(lay.frontsize), bytearray(lay.filesize - lay.backoff), lay.backoff
+    sym = np.frombuffer(out, sym_t, n + 1, lay.symoff - b)[1:]
     sym["st_name"] = table.name_off[order]
     sym["st_value"] = addr[order]
     sym["st_size"] = size[order]
@@ -176,16 +189,37 @@ def build_image(table: SymbolTable, target: Target, load_order: list[str] | None
     del info
     sym["st_shndx"] = shndx[order]
     del sym, shndx
-    words = np.frombuffer(out, word_dtype(target.data), n + 1, lay.infooff)
+    words = np.frombuffer(out, word_dtype(target.data), n + 1, lay.infooff - b)
     word = np.take(modoff << np.uint32(8), table.module)
     word |= table.letter
     words[1:] = word[order]
     del words, word, order
-    out[lay.stroff:lay.stroff + len(table.strtab)] = table.strtab
-    out[lay.modsoff:lay.modsoff + len(modstr)] = modstr
-    out[lay.shstroff:lay.shstroff + len(shstr)] = shstr
-    lay.write_headers(out, sections, name_offs, first_global)
-    return out
+    out[lay.stroff - b:lay.stroff - b + len(table.strtab)] = table.strtab
+    out[lay.modsoff - b:lay.modsoff - b + len(modstr)] = modstr
+    out[lay.shstroff - b:lay.shstroff - b + len(shstr)] = shstr
+    for (_, _, data), off in zip(note_secs, lay.note_offs):
+        front[off:off + len(data)] = data
+    lay.write_headers(front, out, name_offs, first_global)
+    return VirtualImage([(0, front), (b, out)], lay.filesize)
+
+
+def _note_sections(notes, modules, ranks, order) -> list[tuple[str, int, bytes]]:
+    """(section name, sh_type, raw notes): the kernel's GNU notes (build-id) first, its
+    other notes in ``.ksyms.notes``, then each module's build-id note in load order
+    (only modules of this table; notes that do not parse in the image's byte order are
+    left out)."""
+    if notes is None or not valid_notes(notes.kernel, order):
+        out = []
+    else:
+        gnu, other = split_notes(notes.kernel, order)
+        out = [(NOTE_SECTION, SHT_NOTE, gnu)] if gnu else []
+        out += [(OTHER_NOTES_SECTION, SHT_PROGBITS, other)] if other else []
+    if notes is None:
+        return out
+    pos = {m: int(ranks[i]) for i, m in enumerate(modules) if i}
+    mods = sorted((m for m in notes.modules
+                   if m in pos and valid_notes(notes.modules[m], order)), key=pos.get)
+    return out + [(f"{NOTE_SECTION}[{m}]", SHT_NOTE, notes.modules[m]) for m in mods]
 
 
 def _shstrtab(names: list[str]) -> tuple[bytes, dict[str, int]]:
@@ -198,39 +232,62 @@ def _shstrtab(names: list[str]) -> tuple[bytes, dict[str, int]]:
 
 
 class _Layout:
-    """File offsets of every part, and the ELF/program/section headers that describe them."""
+    """File offsets of every part, and the ELF/program/section headers that describe them.
 
-    def __init__(self, target: Target, n: int, sym_t: np.dtype, strsize: int, modsize: int):
+    File order: Ehdr | Phdr[] | notes (stored: "front") | address sections (zeros, never
+    stored) | .symtab | .strtab | .ksyms.info | .ksyms.modules | .shstrtab | Shdr[]
+    (stored: "back"). The tables come last so that a truncated file is caught by the
+    readers' bounds checks; NOBITS sections get offsets past the end.
+    """
+
+    def __init__(self, target: Target, n: int, sym_t: np.dtype, strsize: int, modsize: int,
+                 sections: list[Section], note_secs: list[tuple[str, int, bytes]],
+                 shstrsize: int):
         self.target = target
         self.ehdr_t = ehdr_dtype(target.elfclass, target.data)
         self.phdr_t = phdr_dtype(target.elfclass, target.data)
         self.shdr_t = shdr_dtype(target.elfclass, target.data)
         self.sym_t = sym_t
         self.n = n
-        self.symoff = _align(self.ehdr_t.itemsize + self.phdr_t.itemsize, 8)
+        self.sections, self.note_secs = sections, note_secs
+        nload = sum(1 for s in sections if s.alloc)
+        kernel_note = bool(note_secs) and note_secs[0][0] == NOTE_SECTION
+        self.phnum = nload + kernel_note
+        cur = self.ehdr_t.itemsize + self.phnum * self.phdr_t.itemsize
+        self.note_offs = []
+        for _, _, data in note_secs:
+            cur = _align(cur, 4)
+            self.note_offs.append(cur)
+            cur += len(data)
+        self.frontsize = cur
+        self.backoff = self.symoff = _align(place(sections, _align(cur, 16)), 8)
         self.stroff = self.symoff + (n + 1) * sym_t.itemsize
         self.strsize = strsize
         self.infooff = _align(self.stroff + strsize, 4)
         self.modsoff = self.infooff + 4 * (n + 1)
         self.modsize = modsize
-
-    def allocate(self, nsec: int, shstrsize: int) -> bytearray:
-        self.shstroff = self.modsoff + self.modsize
+        self.shstroff = self.modsoff + modsize
         self.shstrsize = shstrsize
         self.shoff = _align(self.shstroff + shstrsize, 8)
-        self.shnum = nsec + 6
+        self.shnum = len(sections) + len(note_secs) + 6
         self.filesize = self.shoff + self.shnum * self.shdr_t.itemsize
-        return bytearray(self.filesize)
+        place_nobits(sections, self.filesize)
+        note = (self.note_offs[0], len(note_secs[0][2])) if kernel_note else None
+        self.segments = segments(sections, note)
 
-    def write_headers(self, out: bytearray, sections: list[Section], name_offs: dict[str, int],
+    def write_headers(self, front: bytearray, back: bytearray, name_offs: dict[str, int],
                       first_global: int) -> None:
         t = self.target
-        sh = np.frombuffer(out, self.shdr_t, self.shnum, self.shoff)
+        sh = np.frombuffer(back, self.shdr_t, self.shnum, self.shoff - self.backoff)
         word = 4 if t.elfclass == ELFCLASS32 else 8
-        for i, s in enumerate(sections, start=1):
-            sh[i] = (name_offs[s.name], s.sh_type, s.sh_flags, s.addr,
-                     0 if s.sh_type != SHT_NOBITS else self.filesize, s.size, 0, 0, 1, 0)
-        k = len(sections) + 1  # .symtab, then .strtab, .ksyms.info, .ksyms.modules, .shstrtab
+        for i, s in enumerate(self.sections, start=1):
+            sh[i] = (name_offs[s.name], s.sh_type, s.sh_flags, s.addr, s.offset, s.size,
+                     0, 0, 1, 0)
+        k = len(self.sections) + 1
+        for (name, sh_type, data), off in zip(self.note_secs, self.note_offs):
+            sh[k] = (name_offs[name], sh_type, 0, 0, off, len(data), 0, 0, 4, 0)
+            k += 1
+        # .symtab, then .strtab, .ksyms.info, .ksyms.modules, .shstrtab
         sh[k] = (name_offs[".symtab"], SHT_SYMTAB, 0, 0, self.symoff,
                  (self.n + 1) * self.sym_t.itemsize, k + 1, first_global, word,
                  self.sym_t.itemsize)
@@ -242,14 +299,20 @@ class _Layout:
                      self.modsize, 0, 0, 1, 0)
         sh[k + 4] = (name_offs[".shstrtab"], SHT_STRTAB, 0, 0, self.shstroff,
                      self.shstrsize, 0, 0, 1, 0)
-        eh = np.frombuffer(out, self.ehdr_t, 1, 0)
+        eh = np.frombuffer(front, self.ehdr_t, 1, 0)
         ident = bytes([0x7F, ord("E"), ord("L"), ord("F"), t.elfclass, t.data,
                        EV_CURRENT, 0]) + bytes(8)
-        eh[0] = (ident, ET_EXEC, t.machine, EV_CURRENT, 0, self.ehdr_t.itemsize, self.shoff,
-                 0, self.ehdr_t.itemsize, self.phdr_t.itemsize, 1, self.shdr_t.itemsize,
-                 self.shnum, k + 4)
-        ph = _load_segment(self.phdr_t, sections, self.filesize)
-        out[self.ehdr_t.itemsize:self.ehdr_t.itemsize + ph.nbytes] = ph.tobytes()
+        phoff = self.ehdr_t.itemsize if self.phnum else 0
+        eh[0] = (ident, ET_EXEC, t.machine, EV_CURRENT, 0, phoff, self.shoff,
+                 0, self.ehdr_t.itemsize, self.phdr_t.itemsize, self.phnum,
+                 self.shdr_t.itemsize, self.shnum, k + 4)
+        ph = np.frombuffer(front, self.phdr_t, self.phnum, self.ehdr_t.itemsize)
+        for i, g in enumerate(self.segments):
+            ph[i]["p_type"], ph[i]["p_flags"] = g.p_type, g.p_flags
+            ph[i]["p_offset"], ph[i]["p_vaddr"], ph[i]["p_paddr"] = g.p_offset, g.p_vaddr, \
+                g.p_vaddr
+            ph[i]["p_filesz"], ph[i]["p_memsz"], ph[i]["p_align"] = g.p_filesz, g.p_memsz, \
+                g.p_align
 
 
 def _module_strtab(modules: list[str]) -> tuple[bytes, np.ndarray]:
@@ -282,7 +345,7 @@ def _sort_sectioned(cls, addr, rank) -> np.ndarray:
     return np.lexsort((cls, addr, rank))
 
 
-def _sections(table, addr, cls, rank, limit, section_bases):
+def _sections(table, addr, cls, rank, section_bases):
     """Group sectioned symbols into address sections; returns (sections, st_shndx, st_size)."""
     n = len(table)
     shndx = np.zeros(n, np.uint16)
@@ -296,8 +359,7 @@ def _sections(table, addr, cls, rank, limit, section_bases):
         o = o.astype(np.int32)
     o = o[_sort_sectioned(cls[o], addr[o], rank[o])]
     a, r = addr[o], rank[o]
-    half = max(limit // 2, 1)
-    sz = _run_sizes(a, r, min(SIZE_CAP, half))
+    sz = _run_sizes(a, r, SIZE_CAP)
     # a run: same module, same class, contiguous in address order
     c = cls[o]
     new = np.empty(len(o), bool)
@@ -308,26 +370,32 @@ def _sections(table, addr, cls, rank, limit, section_bases):
     bases = _sorted_bases(section_bases)
     if bases:
         new |= _real_section_cuts(table, o, a, bases)
-    starts = np.flatnonzero(new)
-    chunk = np.repeat(a[starts], np.diff(starts, append=len(o)))
-    del starts
-    np.subtract(a, chunk, out=chunk)
-    chunk //= np.uint64(half)  # keeps each section <= limit bytes long
-    new[1:] |= chunk[1:] != chunk[:-1]
-    del chunk
-    firsts = np.flatnonzero(new)
-    shndx[o] = np.cumsum(new, dtype=np.int32)  # 1-based section index per symbol
-    del new
-    sec_end = np.maximum.reduceat(a + sz, firsts).tolist()
-    size[o] = sz
-    del sz
-    sections = []
+    alloc = np.take(_CLASS_ALLOC, c)
+    runs = cut_runs(a, sz, new, alloc, np.take(_CLASS_PROGBITS, c))
+    del new, alloc, sz
+    firsts = runs.firsts
+    mark = np.zeros(len(o), bool)
+    mark[firsts] = True
+    shndx[o] = np.cumsum(mark, dtype=np.int32)  # 1-based section index per symbol
+    del mark
+    size[o] = runs.sizes
+    keys, kinds, counts = [], [], np.diff(firsts, append=len(o)).tolist()
     mods = table.modules
-    for f_cls, f_mod, start, end in zip(c[firsts].tolist(), table.module[o[firsts]].tolist(),
-                                        a[firsts].tolist(), sec_end):
+    lasts = o[np.append(firsts[1:], len(o)) - 1].tolist()
+    for f_cls, f_mod, start, f_sym, l_sym in zip(
+            c[firsts].tolist(), table.module[o[firsts]].tolist(), a[firsts].tolist(),
+            o[firsts].tolist(), lasts):
         base, sh_type, flags = lt.SECTION_KINDS[f_cls]
-        name = _section_name(base, mods[f_mod], start, bases)
-        sections.append(Section(name, sh_type, flags, start, end - start))
+        if f_mod == 0 and f_cls == lt.TEXT:
+            base = kernel_text_base(table.name(f_sym), table.name(l_sym), base)
+        keys.append(_section_base(base, mods[f_mod], start, bases))
+        kinds.append((sh_type, flags))
+    ktext = [i for i, (t, f) in enumerate(kinds) if f & lt.SHF_EXECINSTR and not keys[i][1]]
+    if ktext:  # the main kernel text is the biggest run: always ".text" (gdb, perf)
+        keys[max(ktext, key=counts.__getitem__)] = (".text", "")
+    names = unique_names(keys, counts)
+    sections = [Section(nm, t, f, s, e - s) for nm, (t, f), s, e in
+                zip(names, kinds, a[firsts].tolist(), runs.ends.tolist())]
     return sections, shndx, size
 
 
@@ -355,36 +423,11 @@ def _real_section_cuts(table, o, a, bases):
     return cut
 
 
-def _section_name(base, mod, start, bases):
-    """``base[mod]``, or the module's real section at or below ``start``: ``.text[mod]``."""
-    if not mod:
-        return base
-    if mod in bases:
+def _section_base(base, mod, start, bases):
+    """(base name, module): the module's real section at or below ``start`` if known."""
+    if mod and mod in bases:
         vals, tab = bases[mod]
         j = bisect.bisect_right(vals, start) - 1
         if j >= 0:
-            return f"{tab[j][1]}[{mod}]"
-    return f"{base}[{mod}]"
-
-
-def _load_segment(phdr_t, sections, filesize):
-    """One PT_LOAD over the whole file; NOBITS sections sit just past its file bytes.
-
-    eu-elflint matches sections to segments by file offset, and wants PF_X/PF_W only
-    when some PROGBITS section in the segment is executable/writable.
-    """
-    ph = np.zeros(1, phdr_t)
-    flags = PF_R
-    nobits = 0
-    for s in sections:
-        if s.sh_type == SHT_NOBITS:
-            nobits = max(nobits, s.size)
-        elif s.sh_flags & lt.SHF_ALLOC:
-            flags |= PF_X if s.sh_flags & lt.SHF_EXECINSTR else 0
-            flags |= PF_W if s.sh_flags & lt.SHF_WRITE else 0
-    ph[0]["p_type"] = PT_LOAD
-    ph[0]["p_flags"] = flags
-    ph[0]["p_filesz"] = filesize
-    ph[0]["p_memsz"] = filesize + nobits + (1 if nobits else 0)
-    ph[0]["p_align"] = 1
-    return ph
+            return tab[j][1], mod
+    return base, mod

@@ -24,6 +24,10 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
                         "kernel, none for a captured --kallsyms)")
     g.add_argument("--sections", metavar="DIR",
                    help="directory laid out like /sys/module (<module>/sections/<section>)")
+    g.add_argument("--notes", metavar="FILE",
+                   help="the kernel's ELF notes (a copy of /sys/kernel/notes; default: that "
+                        "file for the live kernel); module build-ids come from "
+                        "--sections DIR/<module>/notes/")
     g.add_argument("--lenient", action="store_true",
                    help="skip lines that are not symbol lines (headers, separators) "
                         "instead of failing on them")
@@ -109,8 +113,7 @@ def _write_atomic(path: str, data: bytes) -> None:
     """Write to a temporary file beside ``path`` and rename: never a partial output. The
     file is created 0666 minus the umask, as a shell redirection would create it."""
     if path == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        _write_data(sys.stdout.buffer, data)
         return
     d = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(d, f".ksymsfs-{os.getpid()}-{secrets.token_hex(6)}")
@@ -118,11 +121,21 @@ def _write_atomic(path: str, data: bytes) -> None:
                  0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            _write_data(f, data)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _write_data(f, data) -> None:
+    """bytes, or a VirtualImage written sparse (its zeros become a hole where they can)."""
+    if hasattr(data, "write_to"):
+        f.flush()
+        data.write_to(f.fileno())
+    else:
+        f.write(data)
+        f.flush()
 
 
 def cmd_snapshot(a: argparse.Namespace) -> int:

@@ -49,6 +49,11 @@ def served_round(n: int) -> int:
     return -(-n // SIZE_BUCKET) * SIZE_BUCKET
 
 
+def _stored(image: object) -> int:
+    """Memory an image holds: a VirtualImage's stored runs (its zeros cost nothing)."""
+    return getattr(image, "real_size", None) or len(image)
+
+
 class DeviceError(KsymsError):
     """An open/read/ioctl refused with a specific errno."""
 
@@ -143,6 +148,7 @@ class Device:
         self._section_cache: dict = {}
         self._coalescer = Coalescer(self._read_sources)
         self.latest_size = 0
+        self._latest_stored = 0  # memory of the last image built (estimate for the budget)
         self.mtime = time.time()
         self.on_idle = None  # called when the last open snapshot is released
 
@@ -159,8 +165,8 @@ class Device:
 
     def _held_bytes(self) -> int:
         """Bytes of snapshot images held (handles and cache; a shared image counts once)."""
-        sizes = {id(img): len(img) for img in self._images.values()}
-        sizes.update((id(h.image), len(h.image)) for h in self._handles.values())
+        sizes = {id(img): _stored(img) for img in self._images.values()}
+        sizes.update((id(h.image), _stored(h.image)) for h in self._handles.values())
         return sum(sizes.values())
 
     def _check_budget(self, need: int) -> None:
@@ -177,14 +183,15 @@ class Device:
             with self._lock:
                 img = self._images.get(show) if snap is self._snap else None
                 if img is None:
-                    self._check_budget(self.latest_size)  # estimate: the last one built
+                    self._check_budget(self._latest_stored)  # estimate: the last one built
             if img is None:
-                img = bytes(snapshot_image(snap, not show, **self.target_overrides))
+                img = snapshot_image(snap, not show, **self.target_overrides)  # VirtualImage
                 with self._lock:
-                    self._check_budget(len(img))
+                    self._check_budget(_stored(img))
                     if snap is self._snap:  # immutable bytes: shared between opens
                         self._images[show] = img
                         self.latest_size = len(img)
+                        self._latest_stored = _stored(img)
                         self._served = max(self._served, served_round(len(img)))
         return img
 

@@ -122,14 +122,14 @@ def _tame_malloc(device: Device) -> None:
         pass
 
 
-def copy_out(buf: object, image: bytes, served: int, size: int, offset: int) -> int:
-    """Copy ``image[offset:offset+size]``, then zeros up to ``served``, into ``buf``."""
-    n = max(0, min(size, served - offset))
-    k = max(0, min(n, len(image) - offset))
+def copy_out(buf: object, image: object, served: int, size: int, offset: int) -> int:
+    """Copy ``image[offset:offset+size]`` (a VirtualImage: stored parts and zeros), then
+    zeros up to ``served``, into ``buf``."""
+    n = max(0, min(size, served - offset)) if offset >= 0 else 0
+    if not n:
+        return 0
     dst = ctypes.cast(buf, ctypes.c_void_p).value
-    if k:
-        base = ctypes.cast(ctypes.c_char_p(image), ctypes.c_void_p).value
-        ctypes.memmove(dst, base + offset, k)
+    k = image.copy_into(dst, offset, n)
     if n > k:
         ctypes.memset(dst + k, 0, n - k)
     return n

@@ -21,6 +21,9 @@ def sources_from_args(a: argparse.Namespace) -> Sources:
             src.sections = a.sections
     else:
         src = Sources(a.kallsyms, a.modules, a.sections, modules_optional=False)
+        src.notes = None
+    if getattr(a, "notes", None):
+        src.notes, src.notes_strict = a.notes, True
     src.lenient = a.lenient
     src.max_read = getattr(a, "max_read", 512) << 20
     return src

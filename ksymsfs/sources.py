@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from .errors import ParseError, SnapshotError
 from .kallsyms import SymbolTable, is_pseudo_module, parse_kallsyms
+from .notes import Notes, read_notes
 from .readfile import DEFAULT_MAX_READ, read_regular
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,9 @@ class Sources:
 
     kallsyms: str = "/proc/kallsyms"
     modules: str | None = "/proc/modules"
-    sections: str | None = None          # e.g. /sys/module
+    sections: str | None = None          # e.g. /sys/module (also <m>/notes/ for build-ids)
+    notes: str | None = None             # e.g. /sys/kernel/notes (raw Elf_Nhdr records)
+    notes_strict: bool = False           # a notes file the user named must be readable
     lenient: bool = False
     modules_optional: bool = True        # a missing modules file means "no modules"
     strict_modules: bool = True          # kallsyms module absent from the list = unclean
@@ -101,7 +104,7 @@ class Sources:
     @classmethod
     def live(cls, procfs: str = "/proc", sysfs: str = "/sys") -> Sources:
         return cls(os.path.join(procfs, "kallsyms"), os.path.join(procfs, "modules"),
-                   os.path.join(sysfs, "module"))
+                   os.path.join(sysfs, "module"), os.path.join(sysfs, "kernel", "notes"))
 
 
 @dataclass
@@ -113,6 +116,7 @@ class Snapshot:
     section_bases: dict[str, dict[str, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     digest: bytes = b""  # SHA-256 of the bytes read, to spot "nothing changed"
+    notes: Notes | None = None  # the kernel's and modules' ELF notes (build-ids)
 
     @property
     def all_zero(self) -> bool:
@@ -166,7 +170,9 @@ def take_snapshot(src: Sources,
         if src.sections and mods:
             bases = read_section_bases(src.sections, mods, section_cache)
         del kdata  # only the parsed table is kept
-        return Snapshot(table, mods, bases, warnings, digest)
+        notes, nwarn = read_notes(src.notes, src.sections, [m.name for m in mods or []],
+                                  strict=src.notes_strict)
+        return Snapshot(table, mods, bases, warnings + nwarn, digest, notes)
     raise SnapshotError(f"no consistent snapshot after {SNAPSHOT_TRIES} tries: {why}")
 
 

@@ -97,7 +97,7 @@ hwm = status("VmHWM")
 size, nsyms = len(img.data), len(img.snapshot.table)
 if out != "-":
     with open(out, "wb") as f:
-        f.write(img.data)
+        img.data.write_to(f.fileno())  # a VirtualImage: zeros as a hole
 del img
 for _ in range(repeat - 1):
     t = time.perf_counter()

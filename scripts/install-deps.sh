@@ -2,7 +2,7 @@
 # System packages ksymsfs needs at run and test time (Debian/Ubuntu). Idempotent.
 set -eu
 need=""
-for p in fuse libfuse2 elfutils libbsd-dev binutils gcc make llvm; do
+for p in fuse libfuse2 elfutils libbsd-dev binutils gcc make llvm linux-perf gdb file; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need="$need $p"
 done
 if [ -n "$need" ]; then

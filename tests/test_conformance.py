@@ -473,3 +473,112 @@ def test_local_modules_in_load_order(ds: Dataset) -> None:
     appearance = list(dict.fromkeys(s.module for s in ds.syms if s.module))
     order += [m for m in appearance[::-1] if m not in order]
     assert runs == [""] * ("" in with_locals) + [m for m in order if m in with_locals]
+
+
+# --- layout for run-time consumers (perf, gdb, libdwfl): README "The image" ---------------
+
+def test_layout_sections_in_segments(ds: Dataset) -> None:
+    """Each allocated section sits in a PT_LOAD at its own address and offset; PROGBITS
+    sections own distinct file bytes (perf maps by offset); allocated sections do not
+    overlap, except where two modules' symbols really interleave (the d2000 dump lists a
+    module's stale init symbols where a later module was loaded)."""
+    from elftools.elf.elffile import ELFFile
+
+    with open(ds.image, "rb") as f:
+        elf = ELFFile(f)
+        secs = [s for s in elf.iter_sections() if s["sh_flags"] & 2]
+        loads = [p for p in elf.iter_segments() if p["p_type"] == "PT_LOAD"]
+        size = elf.stream.seek(0, 2)
+    assert secs and loads
+    for s in secs:
+        a, o, n = s["sh_addr"], s["sh_offset"], s["sh_size"]
+        seg = [p for p in loads if p["p_vaddr"] == a and p["p_offset"] == o
+               and p["p_memsz"] >= max(n, 1)]
+        assert len(seg) == 1, s.name
+        if s["sh_type"] == "SHT_PROGBITS":
+            assert o + n <= size and seg[0]["p_filesz"] == max(n, 1)
+    prog = sorted((s["sh_offset"], s["sh_offset"] + s["sh_size"]) for s in secs
+                  if s["sh_type"] == "SHT_PROGBITS")
+    assert all(e1 <= s2 for (_, e1), (s2, _) in zip(prog, prog[1:]))
+    spans = sorted((s["sh_addr"], s["sh_addr"] + s["sh_size"], s.name) for s in secs
+                   if s["sh_size"])
+    overlaps = [(x[2], y[2]) for x, y in zip(spans, spans[1:]) if y[0] < x[1]]
+    if ds.name != "d2000-sep4020-arm32":
+        assert not overlaps, overlaps[:5]
+    assert len(overlaps) <= 12
+
+
+def test_layout_main_text_is_one_section(ds: Dataset) -> None:
+    """The kernel's main text (the biggest run of kernel text symbols) is the one
+    section named ``.text``; other kernel text runs are named apart."""
+    from elftools.elf.elffile import ELFFile
+
+    with open(ds.image, "rb") as f:
+        secs = [s for s in ELFFile(f).iter_sections() if s["sh_flags"] & 4]
+    names = [s.name for s in secs if "[" not in s.name]
+    assert names.count(".text") == 1, names[:10]
+    main = next(s for s in secs if s.name == ".text")
+    kernel_text = [s for s in ds.syms if not s.module and s.letter in "TtW"]
+    inside = sum(1 for s in kernel_text
+                 if main["sh_addr"] <= s.addr < main["sh_addr"] + main["sh_size"])
+    assert inside > len(kernel_text) // 2
+
+
+def test_layout_sparse_and_bounded(ds: Dataset) -> None:
+    """Zeros are holes on disk; the virtual size stays bounded (layout.VIRTUAL_CAP)."""
+    from ksymsfs.layout import VIRTUAL_CAP
+
+    st = ds.image.stat()
+    real = len(ds.syms) * 36 + 8 * 1024 * 1024  # symtab + strings + info, generously
+    assert st.st_size <= VIRTUAL_CAP + real
+    assert st.st_blocks * 512 <= real
+
+
+# --- the virtual image (zeros never stored) ------------------------------------------------
+
+def test_virtual_image_reads_like_its_bytes(tmp_path: Path) -> None:
+    import ctypes
+    import os
+    import threading
+
+    from ksymsfs.vimage import VirtualImage
+
+    parts = [(0, b"head" * 100), (5000, b"tail" * 50)]
+    v = VirtualImage(parts, 5200 + 3000)
+    whole = bytes(v)
+    assert len(whole) == len(v) == 8200 and whole[5000:5004] == b"tail"
+    assert whole[400:5000] == bytes(4600) and whole[5200:] == bytes(3000)
+    rnd = random.Random(1)
+    buf = ctypes.create_string_buffer(9000)
+    for _ in range(300):
+        off, n = rnd.randrange(0, 8400), rnd.randrange(0, 9000)
+        assert v[off:off + n] == whole[off:off + n]
+        got = v.copy_into(ctypes.addressof(buf), off, n)
+        assert buf.raw[:got] == whole[off:off + n]
+    assert v.copy_into(ctypes.addressof(buf), -1, 10) == 0
+    assert b"headhead" in v and b"\0tail" in v and b"nothere" not in v
+    f = tmp_path / "sparse"
+    with open(f, "wb") as out:
+        v.write_to(out.fileno())
+    assert f.read_bytes() == whole
+    r, w = os.pipe()
+    got = bytearray()
+    def drain() -> None:
+        for chunk in iter(lambda: os.read(r, 65536), b""):
+            got.extend(chunk)
+    t = threading.Thread(target=drain)
+    t.start()
+    v.write_to(w)
+    os.close(w)
+    t.join()
+    os.close(r)
+    assert bytes(got) == whole
+
+
+def test_snapshot_to_stdout_equals_file(tmp_path: Path) -> None:
+    """``snapshot -o -`` writes the zeros out (a pipe holds no hole): same bytes."""
+    src = DATA / "binun-taiwan-x86_64"
+    img = build_ok(tmp_path / "f.elf", kallsyms=src / "kallsyms", modules=src / "modules")
+    r = run_ksymsfs("snapshot", "--kallsyms", src / "kallsyms", "--modules", src / "modules",
+                    "-o", "-")
+    assert r.returncode == 0 and r.stdout == img.read_bytes()
