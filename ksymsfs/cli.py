@@ -7,14 +7,17 @@ import logging
 import os
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .elfdefs import ELFCLASS32, ELFCLASS64
 from .errors import ConfigError, KsymsError
-from .sources import Sources
+from .readbase import ELFCLASS32, ELFCLASS64  # (not elfdefs: no numpy for --help)
+
+if TYPE_CHECKING:  # the modules a command needs are imported by that command (fast start)
+    from .sources import Sources
 
 log = logging.getLogger("ksymsfs")
-COMMANDS = ("snapshot", "nlist", "lookup", "dump", "mount", "umount")
+COMMANDS = ("snapshot", "nlist", "lookup", "dump", "symbolize", "mount", "umount")
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +46,8 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
 
 def sources_from_args(a: argparse.Namespace) -> Sources:
     """Live defaults; a captured --kallsyms only gets the module list it is given."""
+    from .sources import Sources
+
     if a.kallsyms is None:
         src = Sources.live()
         if a.modules:

@@ -1,0 +1,119 @@
+"""st_size for kallsyms symbols (which carry none): next symbol, group ends, mapping symbols.
+
+The rule (README "Symbol sizes and lookup"):
+
+- a symbol ends where the next greater address of a *real* symbol begins, in any module
+  (so no size runs into another module's or pseudo-module's symbols); symbols sharing an
+  address share the size;
+- the last symbol of its group (the kernel, a module, a pseudo-module such as ``[bpf]``)
+  ends at the end of its 4 KiB page, as perf ends the last symbol before another module
+  (tools/perf/util/symbol.c ``symbols__fixup_end``), but still not past the next symbol;
+- ARM/AArch64 mapping symbols (``$a $d $t $x``, ``$x.N``...) mark code/data runs inside a
+  function: they neither end the previous symbol nor get a size themselves (0, as in
+  the object files they come from);
+- every size is capped (``SIZE_CAP``, drgn's per-cpu gap cap); address 0 gets size 0
+  (an image whose addresses are hidden learns nothing from its sizes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SIZE_CAP = 0x10000  # inferred st_size never exceeds this (drgn's per-cpu gap cap)
+PAGE_SIZE = 0x1000  # the last symbol of a group ends at the end of its page (perf's rule)
+MAPPING_KINDS = b"adtx"  # $a ARM code, $t Thumb, $d data, $x AArch64 code (readbase)
+
+
+def mapping_mask(strtab: bytes | bytearray | np.ndarray, name_off: np.ndarray) -> np.ndarray:
+    """Per name offset into a NUL-separated ``strtab``: is it a mapping symbol's name?"""
+    tab = strtab if isinstance(strtab, np.ndarray) else np.frombuffer(strtab, np.uint8)
+    off = np.asarray(name_off, np.int64)
+    out = np.zeros(len(off), bool)
+    if len(off) == 0 or len(tab) < 2:
+        return out
+    last = len(tab) - 1
+    cand = np.flatnonzero(tab[np.minimum(off, last)] == 0x24)  # "$": rare, check the rest
+    if len(cand):
+        o = off[cand]
+        kind = tab[np.minimum(o + 1, last)]
+        third = tab[np.minimum(o + 2, last)]  # within the name or its NUL when kind != 0
+        ok = np.isin(kind, np.frombuffer(MAPPING_KINDS, np.uint8))
+        ok &= (third == 0) | (third == 0x2E)
+        out[cand[ok]] = True
+    return out
+
+
+def infer_sizes(addr: np.ndarray, group: np.ndarray, mapping: np.ndarray | None = None,
+                cap: int = SIZE_CAP) -> np.ndarray:
+    """st_size per symbol (uint64); ``addr``/``group`` sorted by (group, addr)."""
+    return run_sizes(np.asarray(addr, np.uint64), np.asarray(group), cap,
+                     mapping).astype(np.uint64)
+
+
+def run_sizes(addr: np.ndarray, group: np.ndarray, cap: int,
+              mapping: np.ndarray | None = None) -> np.ndarray:
+    """infer_sizes capped at ``cap`` (< 2**32), as uint32."""
+    n = len(addr)
+    out = np.zeros(n, np.uint32)
+    real = np.arange(n) if mapping is None else np.flatnonzero(~np.asarray(mapping, bool))
+    if len(real) == 0:
+        return out
+    a, g = addr[real], group[real]
+    gap = _gap_in_group(a, g)
+    last = gap == 0  # no greater address in its group
+    tail = np.uint64(PAGE_SIZE) - (a & np.uint64(PAGE_SIZE - 1))
+    gap[last] = tail[last]
+    np.minimum(gap, ~a, out=gap)  # the end stays within the address space: a + size < 2**64
+    nxt = _gap_to_next_any(a, g, last)
+    np.minimum(gap, nxt, out=gap)
+    gap[a == 0] = 0
+    np.minimum(gap, np.uint64(cap), out=gap)
+    out[real] = gap
+    return out
+
+
+def _gap_in_group(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Distance to the next greater address of the same group (0 if none), as uint64."""
+    n = len(a)
+    gap = np.zeros(n, np.uint64)
+    if n < 2:
+        return gap
+    same = g[1:] == g[:-1]
+    np.subtract(a[1:], a[:-1], out=gap[:-1], where=same)
+    # a symbol sharing its address with the next one (same group) takes that one's size;
+    # such aliases are few: resolve each chain of them to the symbol that ends it
+    same &= gap[:-1] == 0
+    dup = np.flatnonzero(same)
+    if len(dup):
+        end = np.append(np.flatnonzero(np.diff(dup) != 1), len(dup) - 1)
+        gap[dup] = gap[np.repeat(dup[end] + 1, np.diff(end, prepend=-1))]
+    return gap
+
+
+def _gap_to_next_any(a: np.ndarray, g: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Distance to the next greater address of any group (2**64-1 if none).
+
+    Groups usually occupy disjoint address ranges: then only a group's last symbols can
+    meet another group, and the next group's first address is all they need.
+    """
+    none = np.uint64(0xFFFFFFFFFFFFFFFF)
+    starts = np.flatnonzero(np.concatenate(([True], g[1:] != g[:-1])))
+    lo, hi = a[starts], a[np.append(starts[1:], len(a)) - 1]
+    order = np.argsort(lo, kind="stable")
+    if np.all(lo[order][1:] > hi[order][:-1]):  # disjoint ranges
+        out = np.full(len(a), none, np.uint64)
+        nxt_lo = np.full(len(lo), none, np.uint64)
+        nxt_lo[order[:-1]] = lo[order[1:]]
+        first = np.zeros(len(a), bool)
+        first[starts] = True
+        which = np.cumsum(first) - 1  # group number per symbol
+        sel = np.flatnonzero(last)
+        sel = sel[nxt_lo[which[sel]] != none]
+        out[sel] = nxt_lo[which[sel]] - a[sel]
+        return out
+    u = np.unique(a)
+    k = np.searchsorted(u, a, side="right")
+    out = np.full(len(a), none, np.uint64)
+    has = k < len(u)
+    out[has] = u[k[has]] - a[has]
+    return out
