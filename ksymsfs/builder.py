@@ -44,7 +44,7 @@ from .elfdefs import (
 )
 from .errors import ImageError
 from .kallsyms import SymbolTable
-from .sizes import SIZE_CAP, mapping_mask, run_sizes
+from .sizes import SIZE_CAP, run_sizes, unsized
 
 INFO_SECTION = ".ksyms.info"      # Elf32_Word per symtab entry: letter | modname_off << 8
 MODULES_SECTION = ".ksyms.modules"  # string table of module names ("" = kernel)
@@ -269,7 +269,7 @@ def _sections(table, addr, cls, rank, limit, section_bases):
     o = o[_sort_sectioned(cls[o], addr[o], rank[o])]
     a, r = addr[o], rank[o]
     half = max(limit // 2, 1)
-    sz = run_sizes(a, r, min(SIZE_CAP, half), mapping_mask(table.strtab, table.name_off[o]))
+    sz = run_sizes(a, r, min(SIZE_CAP, half), unsized(table.strtab, table.name_off[o], cls[o]))
     # a run: same module, same class, contiguous in address order
     c = cls[o]
     new = np.empty(len(o), bool)

@@ -8,6 +8,7 @@ The rule (README "Symbol sizes and lookup"):
 - the last symbol of its group (the kernel, a module, a pseudo-module such as ``[bpf]``)
   ends at the end of its 4 KiB page, as perf ends the last symbol before another module
   (tools/perf/util/symbol.c ``symbols__fixup_end``), but still not past the next symbol;
+- symbols not in memory (kallsyms ``?``, ``N``, ``n``) get size 0 and end nothing;
 - ARM/AArch64 mapping symbols (``$a $d $t $x``, ``$x.N``...) mark code/data runs inside a
   function: they neither end the previous symbol nor get a size themselves (0, as in
   the object files they come from);
@@ -41,6 +42,17 @@ def mapping_mask(strtab: bytes | bytearray | np.ndarray, name_off: np.ndarray) -
         ok &= (third == 0) | (third == 0x2E)
         out[cand[ok]] = True
     return out
+
+
+def unsized(strtab: bytes | bytearray | np.ndarray, name_off: np.ndarray,
+            cls: np.ndarray) -> np.ndarray:
+    """Symbols that get size 0 and end no other symbol: mapping symbols, and symbols of
+    classes that are not in memory (kallsyms "?", "N", "n": .modinfo, debug sections)."""
+    from .letters import SECTION_KINDS, SHF_ALLOC
+    in_memory = np.zeros(256, bool)
+    for k, (_, _, flags) in SECTION_KINDS.items():
+        in_memory[k] = bool(flags & SHF_ALLOC)
+    return mapping_mask(strtab, name_off) | ~in_memory[cls]
 
 
 def infer_sizes(addr: np.ndarray, group: np.ndarray, mapping: np.ndarray | None = None,
