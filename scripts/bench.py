@@ -758,7 +758,7 @@ def sec_startup(rep: Report, args, work: str) -> dict:
                                                                 name],
             f"ksymsfs lookup ({STARTUP_SYMBOLS} symbols)": py + ["-m", "ksymsfs", "lookup", img,
                                                                  addr]}
-    n = max(args.repeat, 5) * 2
+    n = args.repeat if args.quick else max(args.repeat, 5) * 2
     runs: dict[str, list[float]] = {k: [] for k in cmds}
     for _ in range(n):  # interleaved: machine noise hits every command alike
         for k, argv in cmds.items():
