@@ -66,20 +66,23 @@ def run_sizes(addr: np.ndarray, group: np.ndarray, cap: int,
               mapping: np.ndarray | None = None) -> np.ndarray:
     """infer_sizes capped at ``cap`` (< 2**32), as uint32."""
     n = len(addr)
-    out = np.zeros(n, np.uint32)
-    real = np.arange(n) if mapping is None else np.flatnonzero(~np.asarray(mapping, bool))
-    if len(real) == 0:
-        return out
-    a, g = addr[real], group[real]
-    gap = _gap_in_group(a, g)
-    last = gap == 0  # no greater address in its group
-    tail = np.uint64(PAGE_SIZE) - (a & np.uint64(PAGE_SIZE - 1))
-    gap[last] = tail[last]
-    np.minimum(gap, ~a, out=gap)  # the end stays within the address space: a + size < 2**64
-    nxt = _gap_to_next_any(a, g, last)
-    np.minimum(gap, nxt, out=gap)
-    gap[a == 0] = 0
+    real = None
+    if mapping is not None and np.any(mapping):
+        real = np.flatnonzero(~np.asarray(mapping, bool))
+        addr, group = addr[real], group[real]
+    gap = _gap_in_group(addr, group)
+    last = np.flatnonzero(gap == 0)  # no greater address in its group: few
+    la = addr[last]
+    end = np.uint64(PAGE_SIZE) - (la & np.uint64(PAGE_SIZE - 1))  # to the page end ...
+    np.minimum(end, ~la, out=end)  # ... within the address space: a + size < 2**64
+    gap[last] = end
+    sel, dist = _gap_to_next_any(addr, group, last)
+    gap[sel] = np.minimum(gap[sel], dist)
+    gap[addr == 0] = 0
     np.minimum(gap, np.uint64(cap), out=gap)
+    if real is None:
+        return gap.astype(np.uint32)
+    out = np.zeros(n, np.uint32)
     out[real] = gap
     return out
 
@@ -102,30 +105,26 @@ def _gap_in_group(a: np.ndarray, g: np.ndarray) -> np.ndarray:
     return gap
 
 
-def _gap_to_next_any(a: np.ndarray, g: np.ndarray, last: np.ndarray) -> np.ndarray:
-    """Distance to the next greater address of any group (2**64-1 if none).
+def _gap_to_next_any(a: np.ndarray, g: np.ndarray,
+                     last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(symbols, their distance to the next greater address of any group) for those that
+    have one and where it can matter.
 
     Groups usually occupy disjoint address ranges: then only a group's last symbols can
     meet another group, and the next group's first address is all they need.
     """
-    none = np.uint64(0xFFFFFFFFFFFFFFFF)
+    if len(a) == 0:
+        return last, np.zeros(0, np.uint64)
     starts = np.flatnonzero(np.concatenate(([True], g[1:] != g[:-1])))
     lo, hi = a[starts], a[np.append(starts[1:], len(a)) - 1]
     order = np.argsort(lo, kind="stable")
     if np.all(lo[order][1:] > hi[order][:-1]):  # disjoint ranges
-        out = np.full(len(a), none, np.uint64)
-        nxt_lo = np.full(len(lo), none, np.uint64)
-        nxt_lo[order[:-1]] = lo[order[1:]]
-        first = np.zeros(len(a), bool)
-        first[starts] = True
-        which = np.cumsum(first) - 1  # group number per symbol
-        sel = np.flatnonzero(last)
-        sel = sel[nxt_lo[which[sel]] != none]
-        out[sel] = nxt_lo[which[sel]] - a[sel]
-        return out
+        nxt = np.zeros(len(lo), np.uint64)  # the next group's first address (0: none)
+        nxt[order[:-1]] = lo[order[1:]]
+        which = np.searchsorted(starts, last, side="right") - 1  # group of each
+        sel = last[nxt[which] != 0]
+        return sel, nxt[np.searchsorted(starts, sel, side="right") - 1] - a[sel]
     u = np.unique(a)
     k = np.searchsorted(u, a, side="right")
-    out = np.full(len(a), none, np.uint64)
-    has = k < len(u)
-    out[has] = u[k[has]] - a[has]
-    return out
+    sel = np.flatnonzero(k < len(u))
+    return sel, u[k[sel]] - a[sel]
