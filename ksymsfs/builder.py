@@ -50,9 +50,9 @@ from .layout import (
     unique_names,
 )
 from .notes import NOTE_SECTION, OTHER_NOTES_SECTION, Notes, split_notes, valid_notes
+from .sizes import SIZE_CAP, run_sizes, unsized
 from .vimage import VirtualImage
 
-SIZE_CAP = 0x10000  # inferred st_size never exceeds this (drgn's per-cpu gap cap)
 INFO_SECTION = ".ksyms.info"      # Elf32_Word per symtab entry: letter | modname_off << 8
 MODULES_SECTION = ".ksyms.modules"  # string table of module names ("" = kernel)
 # per section class: allocated? PROGBITS (file bytes)?
@@ -81,34 +81,6 @@ def module_ranks(table: SymbolTable, load_order: list[str] | None) -> np.ndarray
     for r, i in enumerate(listed + unlisted[::-1], start=1):
         rank[i] = r
     return rank
-
-
-def infer_sizes(addr: np.ndarray, group: np.ndarray) -> np.ndarray:
-    """st_size = distance to the next greater address in the same group, capped; last = 0.
-
-    ``addr``/``group`` must be sorted by (group, addr).
-    """
-    return _run_sizes(np.asarray(addr), np.asarray(group), SIZE_CAP).astype(np.uint64)
-
-
-def _run_sizes(addr: np.ndarray, group: np.ndarray, cap: int) -> np.ndarray:
-    """infer_sizes capped at ``cap`` (< 2**32), as uint32."""
-    n = len(addr)
-    if n < 2:
-        return np.zeros(n, np.uint32)
-    same = group[1:] == group[:-1]
-    gap = np.zeros(n, np.uint64)  # to the next symbol, if in the same group
-    np.subtract(addr[1:], addr[:-1], out=gap[:-1], where=same)
-    # a symbol sharing its address with the next one (same group) takes that one's size;
-    # such aliases are few: resolve each chain of them to the symbol that ends it
-    same &= gap[:-1] == 0
-    dup = np.flatnonzero(same)
-    del same
-    if len(dup):
-        last = np.append(np.flatnonzero(np.diff(dup) != 1), len(dup) - 1)
-        gap[dup] = gap[np.repeat(dup[last] + 1, np.diff(last, prepend=-1))]
-    np.minimum(gap, np.uint64(cap), out=gap)
-    return gap.astype(np.uint32)
 
 
 def _stable_order(rank: np.ndarray, is_global: np.ndarray) -> np.ndarray:
@@ -359,7 +331,7 @@ def _sections(table, addr, cls, rank, section_bases):
         o = o.astype(np.int32)
     o = o[_sort_sectioned(cls[o], addr[o], rank[o])]
     a, r = addr[o], rank[o]
-    sz = _run_sizes(a, r, SIZE_CAP)
+    sz = run_sizes(a, r, SIZE_CAP, unsized(table.strtab, table.name_off[o], cls[o]))
     # a run: same module, same class, contiguous in address order
     c = cls[o]
     new = np.empty(len(o), bool)

@@ -9,11 +9,11 @@ import secrets
 import sys
 
 from . import __version__
-from .errors import ConfigError, KsymsError
+from .errors import ConfigError, KsymsError, SourceError
 from .options import ELFCLASS_OF, positive_int, sources_from_args
 
 log = logging.getLogger("ksymsfs")
-COMMANDS = ("snapshot", "nlist", "lookup", "dump", "mount", "umount")
+COMMANDS = ("snapshot", "nlist", "lookup", "dump", "symbolize", "mount", "umount")
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
@@ -79,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dump", help="print the image back as kallsyms text")
     d.add_argument("image")
     d.add_argument("-o", "--output", default="-", metavar="OUT")
+    y = sub.add_parser("symbolize", help="rewrite kernel addresses in text (an oops, a "
+                       "stack, perf script output) as sym+0xoff/0xsize [module]")
+    y.add_argument("image", help="image file or mounted device")
+    y.add_argument("input", nargs="?", default="-", metavar="FILE",
+                   help="text to rewrite (default -, standard input)")
     m = sub.add_parser("mount", help="serve a ksyms device node (FUSE)")
     _add_source_args(m)
     _add_target_args(m)
@@ -196,6 +201,21 @@ def cmd_dump(a: argparse.Namespace) -> int:
 
     text = "\n".join(dump_lines(parse_image(a.image))) + "\n"
     _write_atomic(a.output, text.encode("utf-8", "surrogateescape"))
+    return 0
+
+
+def cmd_symbolize(a: argparse.Namespace) -> int:
+    from .symbolize import Symbolizer
+
+    sym = Symbolizer(a.image)
+    try:
+        src = sys.stdin.buffer if a.input == "-" else open(a.input, "rb")  # noqa: SIM115
+    except OSError as e:
+        raise SourceError(f"{a.input}: cannot read: {e.strerror}") from None
+    with src:
+        for piece in sym.stream(src):
+            sys.stdout.buffer.write(piece)
+            sys.stdout.buffer.flush()
     return 0
 
 

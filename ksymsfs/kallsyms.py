@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,6 +69,9 @@ def _diagnose(line: bytes, width: int) -> str:
     if LETTER_CLASS[rest[0]] == 255:
         return f"unknown symbol type letter {chr(rest[0])!r}"
     name, tab, mod = rest[2:].partition(b"\t")
+    if not tab and _BLANK_MODULE.fullmatch(rest[2:]):
+        return ("module suffix after spaces, not a TAB (a terminal capture? "
+                "--lenient accepts it)")
     if not name or b" " in name:
         return "malformed symbol name"
     if len(name) >= KSYM_NAME_LEN:
@@ -77,6 +81,10 @@ def _diagnose(line: bytes, width: int) -> str:
         return "malformed module suffix (expected TAB '[' MODULE ']')"
     return "malformed line"
 
+
+# NAME, blanks, [MODULE]: a module line whose TAB became spaces (copied from a terminal)
+_BLANK_MODULE = re.compile(rb"([^\x00-\x20\x7f]{1,%d})[ \t]+\[([^\x00-\x20\x7f]+)\]"
+                           % (KSYM_NAME_LEN - 1))
 
 CHUNK = 1 << 20  # lines are parsed a megabyte at a time: temporaries stay small
 
@@ -264,6 +272,9 @@ def _parse_chunk(data, view, pos, width, path, lenient, line_base) -> dict:
         ok &= _count_in(np.flatnonzero(view == 127), starts, ends) == 0
     addr, hex_ok = _hex_column(view, np.where(ok, starts, 0), width)
     ok &= hex_ok
+    if lenient and not ok.all():
+        _rescue_blank_modules(data, pos, width, starts, ends, ok, addr, letter, name_len,
+                              tabpos, hasmod)
     keep = np.flatnonzero(ok)
     if len(keep) < nlines and not lenient:
         i = int(np.argmin(ok))  # the first bad line
@@ -275,6 +286,29 @@ def _parse_chunk(data, view, pos, width, path, lenient, line_base) -> dict:
     return {"addr": addr, "letter": letter, "name_start": name_start, "name_len": name_len,
             "tabpos": tabpos, "ends": ends, "hasmod": hasmod,
             "skipped": nlines - len(keep), "nlines": nlines}
+
+
+def _rescue_blank_modules(data, pos, width, starts, ends, ok, addr, letter, name_len,
+                          tabpos, hasmod) -> None:
+    """Lenient mode: accept ``ADDR TYPE NAME<blanks>[MODULE]`` among the rejected lines,
+    filling their fields in place (``tabpos`` = just before "[", as for a TAB)."""
+    for i in np.flatnonzero(~ok).tolist():
+        lo, hi = pos + int(starts[i]), pos + int(ends[i])
+        line = data[lo:hi]
+        if (len(line) < width + 4 or line[width:width + 1] != b" "
+                or line[width + 2:width + 3] != b" " or LETTER_CLASS[line[width + 1]] == 255
+                or b"\x7f" in line):
+            continue
+        m = _BLANK_MODULE.fullmatch(line, width + 3)
+        try:
+            value = int(line[:width], 16)
+        except ValueError:
+            continue
+        if m is None or not line[:width].isalnum():
+            continue
+        ok[i], addr[i], letter[i], hasmod[i] = True, value, line[width + 1], True
+        name_len[i] = m.end(1) - m.start(1)
+        tabpos[i] = starts[i] + m.start(2) - 2
 
 
 def _hex_pairs() -> np.ndarray:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from .elfdefs import ELFCLASS32, ELFCLASS64
 from .errors import ConfigError
-from .sources import Sources
+from .readbase import ELFCLASS32, ELFCLASS64  # (not elfdefs: no numpy for --help)
+
+if TYPE_CHECKING:  # imported where used: the CLI starts without numpy
+    from .sources import Sources
 
 ELFCLASS_OF = {None: None, "32": ELFCLASS32, "64": ELFCLASS64}  # --class -> EI_CLASS
 
 
 def sources_from_args(a: argparse.Namespace) -> Sources:
     """Live defaults; a captured --kallsyms only gets the module list it is given."""
+    from .sources import Sources
+
     if a.kallsyms is None:
         src = Sources.live()
         if a.modules:

@@ -16,7 +16,12 @@ Sections (medians of --repeat runs; a PASS/FAIL column where the project has a t
      a fresh process doing only that, vs the image size;
   d) 1, 8 and 32 processes reading the mount at once: wall time vs one, daemon memory;
      the same on the captured-kallsyms mount (what FUSE transfer alone costs);
-  e) ``reader.nlist`` of 10 names and ``reader.lookup`` of 10 addresses on the 1M image.
+  e) ``reader.nlist`` of 10 names and ``reader.lookup`` of 10 addresses on the 1M image;
+  f) start-up: ``ksymsfs --version``/``--help`` and ``nlist``/``lookup`` on a 200-symbol
+     image, each a fresh process, vs a bare ``python3 -c pass`` (same interpreter);
+  g) ``symbolize`` throughput: a generated log of call-trace lines with 1M addresses
+     (quick: 20k) of the lookup image, drawn from 20k call sites (a log repeats its
+     stacks) and all distinct: addresses rewritten per second.
 
 Sections a (FUSE part), b and d print "SKIPPED: reason" when the mount cannot be made
 (or with --no-fuse). Nothing here asserts timings: the PASS/FAIL column is information.
@@ -66,7 +71,12 @@ TARGETS = {
     "concurrent_wall": 3.0,      # 32 readers at once / one reader
     "daemon_mem_per_image": 2.0,  # daemon peak RSS growth while 32 read / image size
     "nlist_10_ms": 50.0,         # reader.nlist of 10 names on the 1M image
+    "startup_version": 3.0,      # ksymsfs --version (and --help) / python3 -c pass
+    "startup_nlist": 8.0,        # ksymsfs nlist/lookup on a 200-symbol image / -c pass
+    "symbolize_per_s": 1e6,      # addresses rewritten per second (at least)
 }
+STARTUP_SYMBOLS = 200
+SYMBOLIZE_ADDRESSES, QUICK_SYMBOLIZE_ADDRESSES = 1_000_000, 20_000
 
 # The child that measures one build in a fresh process (section c). Peak RSS: the
 # process's high-water mark is reset (/proc/self/clear_refs "5") after the imports, so
@@ -715,6 +725,122 @@ def sec_lookup(rep: Report, args, scaling: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
+# f) start-up
+
+
+def _run_cli_time(argv: list[str], repeat: int) -> list[float]:
+    def once():
+        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env=child_env(), cwd=str(REPO), check=False)
+    return timed(once, repeat)
+
+
+def sec_startup(rep: Report, args, work: str) -> dict:
+    """Fresh processes, interleaved medians: each command / ``python3 -c pass``."""
+    rep.section("f) start-up: fresh processes vs python3 -c pass (same interpreter)")
+    from ksymsfs.snapshot import make_image
+    from ksymsfs.sources import Sources
+
+    ks, _ = gen_kallsyms.generate(STARTUP_SYMBOLS, 2, 64, args.seed)
+    kp, img = os.path.join(work, "startup.kallsyms"), os.path.join(work, "startup.elf")
+    with open(kp, "wb") as f:
+        f.write(ks)
+    with open(img, "wb") as f:
+        f.write(make_image(Sources(kp, None, modules_optional=False)).data)
+    first = ks.split(b"\n", 1)[0].split()
+    name, addr = first[2].decode(), f"{int(first[0], 16) + 1:x}"
+    py = [sys.executable]
+    cmds = {"python3 -c pass": py + ["-c", "pass"],
+            "python3 -c 'import numpy'": py + ["-c", "import numpy"],
+            "ksymsfs --version": py + ["-m", "ksymsfs", "--version"],
+            "ksymsfs --help": py + ["-m", "ksymsfs", "--help"],
+            f"ksymsfs nlist ({STARTUP_SYMBOLS} symbols)": py + ["-m", "ksymsfs", "nlist", img,
+                                                                name],
+            f"ksymsfs lookup ({STARTUP_SYMBOLS} symbols)": py + ["-m", "ksymsfs", "lookup", img,
+                                                                 addr]}
+    n = args.repeat if args.quick else max(args.repeat, 5) * 2
+    runs: dict[str, list[float]] = {k: [] for k in cmds}
+    for _ in range(n):  # interleaved: machine noise hits every command alike
+        for k, argv in cmds.items():
+            runs[k] += _run_cli_time(argv, 1)
+    base = med(runs["python3 -c pass"])
+    res: dict = {"symbols": STARTUP_SYMBOLS, "runs": n}
+    for k, r in runs.items():
+        ratio = med(r) / base
+        res[k] = {"median_ms": med(r) * 1e3, "ratio": ratio}
+        target, ok = "", None
+        if k.startswith("ksymsfs --"):
+            lim = TARGETS["startup_version"]
+            target, ok = f"<= {lim:g}x", rep.check("startup_version", ratio, lim, what=k)
+        elif k.startswith("ksymsfs "):
+            lim = TARGETS["startup_nlist"]
+            target, ok = f"<= {lim:g}x", rep.check("startup_nlist", ratio, lim, what=k)
+        rep.row(k, med(r) * 1e3, "ms", "" if k == "python3 -c pass" else "python3 -c pass",
+                None if k == "python3 -c pass" else ratio, target, ok)
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# g) symbolize
+
+
+def _oops_lines(addrs: np.ndarray) -> bytes:
+    """Call-trace-like lines, two addresses each (one with 0x), a timestamp, some text."""
+    a = addrs.tolist()
+    return b"".join(b"[%6d.%06d]  [<%016x>] ? 0x%016x some_text+0x1/0x2\n"
+                    % (i // 1000, i % 1000000, x, y) for i, (x, y) in enumerate(zip(a[0::2],
+                                                                                   a[1::2])))
+
+
+def sec_symbolize(rep: Report, args, scaling: dict) -> dict:
+    from ksymsfs.symbolize import Symbolizer
+
+    rep.section("g) symbolize throughput")
+    info = scaling.get("lookup_image")
+    res: dict = {"skipped": None}
+    if not info:
+        res["skipped"] = "no generated image"
+        rep.skip(res["skipped"])
+        return res
+    with open(info["kallsyms"], "rb") as f:
+        starts = np.array([int(ln.split(b" ", 1)[0], 16) for ln in f.read().split(b"\n")[:-1]],
+                          np.uint64)
+    want = QUICK_SYMBOLIZE_ADDRESSES if args.quick else SYMBOLIZE_ADDRESSES
+    rng = np.random.default_rng(args.seed)
+    n = max(args.repeat, 3)
+    sym = Symbolizer(info["path"])
+    for distinct in (max(want // 50, 1), want):  # repeated call sites as in real logs, or not
+        label = "all distinct" if distinct == want else f"{distinct} call sites"
+        pool = starts[rng.integers(0, len(starts), distinct)] + rng.integers(
+            0, 16, distinct).astype(np.uint64)
+        addrs = pool[rng.integers(0, distinct, want)] if distinct < want else pool
+        data = _oops_lines(addrs)
+        t = timed(lambda d=data: sym.rewrite(d), n)
+        t_find = timed(lambda d=data: sym.candidates(np.frombuffer(d, np.uint8)), n)
+        t_pass = med(timed(lambda d=data: d.split(), n))  # the floor: split into words
+        sym.rewritten = 0
+        sym.rewrite(data)
+        rate = sym.rewritten / med(t)
+        key = "per_s" if distinct < want else "per_s_distinct"
+        ok = None
+        if distinct < want:
+            lim = TARGETS["symbolize_per_s"]  # a floor, not a ceiling
+            ok = rep.check("symbolize_per_s", rate, lim, passed=rate >= lim,
+                           what=f"addresses rewritten per second, at least ({label})")
+        res[key] = rate
+        res[label] = {"addresses": len(addrs), "rewritten": sym.rewritten, "bytes": len(data),
+                      "rewrite_s": fig(t), "candidates_s": fig(t_find), "per_s": rate}
+        rep.row(f"{label}: {len(addrs) / 1e6:g}M addresses, {len(data) / 1e6:.0f} MB",
+                med(t) * 1e3, "ms", "bytes.split() of the log", med(t) / t_pass)
+        rep.row("  finding the candidates alone", med(t_find) * 1e3, "ms",
+                "bytes.split() of the log", med(t_find) / t_pass)
+        rep.row(f"  addresses per second ({sym.rewritten} rewritten)", rate / 1e6, "M/s", "",
+                None, f">= {TARGETS['symbolize_per_s'] / 1e6:g} M/s" if ok is not None else "",
+                ok)
+    return res
+
+
+# ---------------------------------------------------------------------------------------
 
 
 def plot(path: str, scaling: dict) -> str | None:
@@ -836,6 +962,8 @@ def main(argv=None) -> int:
         mount = static = None
         data["scaling"] = sec_scaling(rep, args, work)
         data["lookup"] = sec_lookup(rep, args, data["scaling"])
+        data["startup"] = sec_startup(rep, args, work)
+        data["symbolize"] = sec_symbolize(rep, args, data["scaling"])
     finally:
         for m in (mount, static):
             if m is not None:

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from ksymsfs import ParseError, parse_image, parse_kallsyms
-from ksymsfs.builder import build_image, infer_sizes
+from ksymsfs.builder import build_image
 from ksymsfs.device import Coalescer, Device
 from ksymsfs.elfdefs import ELFCLASS32, ELFCLASS64, ELFDATA2MSB, make_target
 from ksymsfs.errors import ConfigError, SourceError
 from ksymsfs.reader import dump_lines, lookup, nlist
+from ksymsfs.sizes import infer_sizes
 from ksymsfs.sources import Sources, parse_modules, take_snapshot
 
 
@@ -136,17 +137,28 @@ def test_all_zero_addresses_build_a_valid_image():
     assert b"ffffffff" not in build_image(t, make_target(), hide_addresses=True)
 
 
-def test_sizes_next_address_same_module_capped():
-    a = np.array([0, 0, 16, 0x100000, 5, 9], np.uint64)
-    g = np.array([0, 0, 0, 0, 1, 1])
-    assert infer_sizes(a, g).tolist() == [16, 16, 0x10000, 0, 4, 0]
+def test_sizes_next_address_capped_last_to_page_end():
+    a = np.array([0x20, 0x20, 0x30, 0x100000, 0x100f00, 0x200005, 0x200009], np.uint64)
+    g = np.array([0, 0, 0, 0, 0, 1, 1])
+    # last of group 0 at 0x100f00: to its page end; last of group 1: page end too
+    assert infer_sizes(a, g).tolist() == [16, 16, 0x10000, 0xf00, 0x100, 4, 0xff7]
+    # interleaved groups: a size stops at the other group's symbol
+    a2 = np.array([0x1000, 0x1100, 0x1040], np.uint64)
+    assert infer_sizes(a2, np.array([0, 0, 1])).tolist() == [0x40, 0xf00, 0xc0]
+    # a mapping symbol ends nothing and gets no size
+    m = np.array([False, True, False])
+    assert infer_sizes(np.array([0x1000, 0x1004, 0x1010], np.uint64), np.zeros(3),
+                       m).tolist() == [0x10, 0, 0xff0]
 
 
 def test_lookup_rules():
     img = parse_image(build(KS))
     r = lookup(img, [0xffffffff81000004, 0xffffffffc0000041, 0xffffffff80000000])
     assert str(r[0]) == "_stext+0x4/0x10"
-    assert str(r[1]) == "a_data+0x1/0x0 [a]" or r[1] is None
+    # a module's last symbol reaches its page end (less if the image is too small to
+    # hold such a section: see README "Symbol sizes and lookup")
+    assert (r[1].name, r[1].offset, r[1].module) == ("a_data", 1, "a")
+    assert 1 < r[1].size <= 0x1000 - 0x40
     assert r[2] is None
 
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from ksymsfs import builder, kallsyms
-from ksymsfs.builder import infer_sizes
 from ksymsfs.errors import ParseError
 from ksymsfs.kallsyms import parse_kallsyms
+from ksymsfs.readbase import is_mapping_symbol
+from ksymsfs.sizes import SIZE_CAP, infer_sizes, mapping_mask
 
 
 def _reference(data: bytes) -> dict:
@@ -193,28 +194,50 @@ def test_short_last_chunk(monkeypatch):
         assert t.skipped == 1 and len(t) == 30
 
 
-def _infer_sizes_reference(addr, group):
-    out = []
-    for i in range(len(addr)):
-        j = i + 1
-        while j < len(addr) and group[j] == group[i] and addr[j] == addr[i]:
-            j += 1
-        same = j < len(addr) and group[j] == group[i]
-        out.append(min(int(addr[j]) - int(addr[i]), builder.SIZE_CAP) if same else 0)
+def _infer_sizes_reference(addr, group, mapping):
+    """The README rule, spelled out: next real symbol of any group; a group's last real
+    symbol to its page end (but not past the next one); mapping symbols and address 0: 0."""
+    real = [i for i in range(len(addr)) if not mapping[i]]
+    out = [0] * len(addr)
+    for i in real:
+        later_any = [addr[j] for j in real if addr[j] > addr[i]]
+        later_same = [addr[j] for j in real if addr[j] > addr[i] and group[j] == group[i]]
+        end = min(later_same) if later_same else (addr[i] // 0x1000 + 1) * 0x1000
+        if later_any:
+            end = min(end, min(later_any))
+        out[i] = 0 if addr[i] == 0 else min(end - addr[i], SIZE_CAP, 2**64 - 1 - addr[i])
     return out
 
 
-def test_infer_sizes_alias_chains_and_group_ends():
+def test_infer_sizes_alias_chains_group_ends_and_mapping_symbols():
     rng = np.random.default_rng(5)
-    for _ in range(300):
+    for k in range(400):
         n = int(rng.integers(0, 40))
         g = np.sort(rng.integers(0, 3, n))
-        a = rng.integers(0, 12, n).astype(np.uint64) * np.uint64(rng.choice([1, 0x9000]))
+        a = rng.integers(0, 12, n).astype(np.uint64) * np.uint64(rng.choice([1, 0x900, 0x9000]))
+        if k % 2:  # disjoint group ranges (the usual case), else interleaved ones
+            a += g.astype(np.uint64) * np.uint64(0x100000)
         o = np.lexsort((a, g))
         a, g = a[o], g[o]
-        got = infer_sizes(a, g)
+        m = rng.random(n) < 0.2
+        got = infer_sizes(a, g, m)
         assert got.dtype == np.uint64
-        assert got.tolist() == _infer_sizes_reference(a.tolist(), g.tolist())
+        assert got.tolist() == _infer_sizes_reference(a.tolist(), g.tolist(), m.tolist())
+
+
+def test_mapping_symbol_names():
+    names = [b"$a", b"$d", b"$t", b"$x", b"$x.12", b"$d.0", b"$b", b"$LC0", b"$", b"a$",
+             b"$ab", b"$x_", b"foo", b"$a.", b"$t.x"]
+    want = [True, True, True, True, True, True, False, False, False, False,
+            False, False, False, True, True]
+    assert [is_mapping_symbol(n) for n in names] == want
+    tab = b"\0" + b"\0".join(names) + b"\0"
+    offs, pos = [], 1
+    for n in names:
+        offs.append(pos)
+        pos += len(n) + 1
+    assert mapping_mask(tab, np.array(offs)).tolist() == want
+    assert mapping_mask(b"\0$", np.array([1])).tolist() == [False]  # "$" at the very end
 
 
 def test_stable_order_is_lexsort():

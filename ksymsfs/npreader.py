@@ -1,0 +1,327 @@
+"""The numpy image reader: headers and symbol table as array views, for images of any size."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import letters as lt
+from .elfdefs import (
+    ELFCLASS32,
+    ELFCLASS64,
+    ELFDATA2LSB,
+    ELFDATA2MSB,
+    SHN_LORESERVE,
+    SHN_UNDEF,
+    SHT_NOBITS,
+    SHT_SYMTAB,
+    STT_FILE,
+    ehdr_dtype,
+    shdr_dtype,
+    sym_dtype,
+    word_dtype,
+)
+from .readbase import (
+    INFO_SECTION,
+    MODULES_SECTION,
+    ImageLike,
+    Lookup,
+    NlistHit,
+    check_address,
+    load_bytes,
+    n_type_of,
+)
+from .readbase import fail as _fail
+from .sizes import mapping_mask
+
+
+@dataclass
+class Image:
+    """A parsed image: headers and the symbol table as numpy views over the bytes."""
+
+    data: bytes
+    path: str
+    elfclass: int
+    byteorder: int
+    machine: int
+    shdrs: np.ndarray
+    section_names: list[str]
+    syms: np.ndarray          # symtab entries without the null entry 0
+    strtab: np.ndarray        # uint8 view of the string table
+    letters: np.ndarray | None  # uint8 kallsyms letter per symbol, from .ksyms.info
+    modkey: np.ndarray        # per symbol: offset in .ksyms.modules, or st_shndx
+    modname: Callable[[int], str]  # modkey value -> module name ("" = kernel)
+
+    def __len__(self) -> int:
+        return len(self.syms)
+
+    def module(self, i: int) -> str:
+        return self.modname(int(self.modkey[i]))
+
+    @property
+    def address_width(self) -> int:
+        """Hex digits of an address, as kallsyms prints them."""
+        return 8 if self.elfclass == ELFCLASS32 else 16
+
+    @property
+    def modules(self) -> list[str]:
+        """Module name per symbol index ("" = kernel)."""
+        if not hasattr(self, "_modules"):
+            cache: dict[int, str] = {}
+            self._modules = [cache[k] if k in cache else cache.setdefault(k, self.modname(k))
+                             for k in self.modkey.tolist()]
+        return self._modules
+
+    def first_bytes(self) -> np.ndarray:
+        """First byte of every symbol's name (cached): narrows name searches at once."""
+        if not hasattr(self, "_first"):
+            self._first = self.strtab[self.syms["st_name"]]
+        return self._first
+
+    def by_address(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """[(indices sorted by value, global first; their values)] for the symbols in
+        address sections: the real ones, then the ARM/AArch64 mapping symbols (cached)."""
+        if not hasattr(self, "_by_addr"):
+            s = self.syms
+            shndx = s["st_shndx"]
+            sectioned = (shndx != SHN_UNDEF) & (shndx < SHN_LORESERVE)
+            mapping = mapping_mask(self.strtab, s["st_name"])
+            self._by_addr = []
+            for sel in (sectioned & ~mapping, sectioned & mapping):
+                idx = np.flatnonzero(sel)
+                is_local = (s["st_info"][idx] >> 4) == 0
+                idx = idx[np.lexsort((is_local, s["st_value"][idx]))]
+                self._by_addr.append((idx, s["st_value"][idx]))
+        return self._by_addr
+
+    def name_lengths(self) -> np.ndarray:
+        nul = np.flatnonzero(self.strtab == 0)
+        off = self.syms["st_name"].astype(np.int64)
+        return nul[np.searchsorted(nul, off)] - off
+
+    def name(self, i: int) -> str:
+        off = int(self.syms["st_name"][i])
+        end = self.data_strtab.index(b"\0", off)
+        return self.data_strtab[off:end].decode("utf-8", "surrogateescape")
+
+    @property
+    def data_strtab(self) -> bytes:
+        if not hasattr(self, "_strtab_bytes"):
+            self._strtab_bytes = self.strtab.tobytes()
+        return self._strtab_bytes
+
+    def names(self) -> list[str]:
+        tab = self.data_strtab
+        off = self.syms["st_name"].tolist()
+        ends = (self.syms["st_name"] + self.name_lengths()).tolist()
+        return [tab[a:b].decode("utf-8", "surrogateescape") for a, b in zip(off, ends)]
+
+
+def parse_image(image: ImageLike) -> Image:
+    """Validate headers and bounds (every offset checked against the file size)."""
+    data, path = load_bytes(image)
+    if len(data) < 16 or data[:4] != b"\x7fELF":
+        raise _fail(path, "no ELF magic" if data else "empty file")
+    cls, order = data[4], data[5]
+    if cls not in (ELFCLASS32, ELFCLASS64) or order not in (ELFDATA2LSB, ELFDATA2MSB):
+        raise _fail(path, f"bad ELF class {cls} or byte order {order}")
+    eh_t, sh_t = ehdr_dtype(cls, order), shdr_dtype(cls, order)
+    if len(data) < eh_t.itemsize:
+        raise _fail(path, "truncated ELF header")
+    eh = np.frombuffer(data, eh_t, 1)[0]
+    shoff, shnum, shentsize = int(eh["e_shoff"]), int(eh["e_shnum"]), int(eh["e_shentsize"])
+    if shentsize != sh_t.itemsize or shnum == 0 or shnum >= SHN_LORESERVE:
+        raise _fail(path, f"bad section header table (e_shentsize {shentsize}, e_shnum {shnum})")
+    if shoff + shnum * shentsize > len(data):
+        raise _fail(path, "section header table extends past end of file")
+    sh = np.frombuffer(data, sh_t, shnum, shoff)
+    names = _section_names(data, path, sh, int(eh["e_shstrndx"]))
+    symtabs = np.flatnonzero(sh["sh_type"] == SHT_SYMTAB)
+    if len(symtabs) == 0:
+        raise _fail(path, "no .symtab section")
+    st = sh[symtabs[0]]
+    sym_t = sym_dtype(cls, order)
+    off, size = int(st["sh_offset"]), int(st["sh_size"])
+    if off + size > len(data) or size % sym_t.itemsize or size == 0:
+        raise _fail(path, ".symtab extends past end of file or has a partial entry")
+    syms = np.frombuffer(data, sym_t, size // sym_t.itemsize, off)[1:]
+    link = int(st["sh_link"])
+    strtab = _section_bytes(data, path, sh, link, ".strtab")
+    if len(strtab) == 0 or strtab[-1] != 0:
+        raise _fail(path, "string table is empty or not NUL-terminated")
+    if len(syms) and int(syms["st_name"].max()) >= len(strtab):
+        raise _fail(path, "symbol name offset past end of string table")
+    shndx = syms["st_shndx"]
+    bad = (shndx >= shnum) & (shndx < SHN_LORESERVE)
+    if bad.any():
+        raise _fail(path, f"symbol {int(np.flatnonzero(bad)[0]) + 1} refers to "
+                          f"section {int(shndx[bad][0])} of {shnum}")
+    letters, modkey, modname = _ksyms_info(data, path, sh, names, len(syms), order, shndx)
+    return Image(data, path, cls, order, int(eh["e_machine"]), sh, names, syms, strtab,
+                 letters, modkey, modname)
+
+
+def _section_bytes(data, path, sh, idx, what) -> np.ndarray:
+    if idx <= 0 or idx >= len(sh):
+        raise _fail(path, f"{what} section index {idx} out of range")
+    off, size = int(sh[idx]["sh_offset"]), int(sh[idx]["sh_size"])
+    if sh[idx]["sh_type"] == SHT_NOBITS or off + size > len(data):
+        raise _fail(path, f"{what} extends past end of file")
+    return np.frombuffer(data, np.uint8, size, off)
+
+
+def _section_names(data, path, sh, shstrndx) -> list[str]:
+    if shstrndx == 0:
+        return [""] * len(sh)
+    tab = _section_bytes(data, path, sh, shstrndx, ".shstrtab").tobytes()
+    out = []
+    for n in sh["sh_name"].tolist():
+        if n >= len(tab):
+            raise _fail(path, "section name offset past end of .shstrtab")
+        end = tab.find(b"\0", n)
+        out.append(tab[n:end if end >= 0 else len(tab)].decode("utf-8", "surrogateescape"))
+    return out
+
+
+def _ksyms_info(data, path, sh, names, nsyms, order, shndx):
+    """kallsyms letters and a module key per symbol: from .ksyms.info/.ksyms.modules when
+    present, else from section names ("name[module]"). Names are resolved lazily."""
+    if INFO_SECTION in names and MODULES_SECTION in names:
+        info = _section_bytes(data, path, sh, names.index(INFO_SECTION), INFO_SECTION)
+        mods = _section_bytes(data, path, sh, names.index(MODULES_SECTION), MODULES_SECTION)
+        if len(info) == 4 * (nsyms + 1) and len(mods) and mods[-1] == 0:
+            words = info.view(word_dtype(order))[1:]
+            modoff = words >> 8
+            if len(words) and int(modoff.max()) >= len(mods):
+                raise _fail(path, f"{INFO_SECTION} refers past end of {MODULES_SECTION}")
+            modtab = mods.tobytes()
+
+            def modname(o: int) -> str:
+                return modtab[o:modtab.index(b"\0", o)].decode("utf-8", "surrogateescape")
+            return (words & 0xFF).astype(np.uint8), modoff, modname
+        raise _fail(path, f"{INFO_SECTION} does not match .symtab")
+    secmod = [n[n.rindex("[") + 1:-1] if n.endswith("]") and "[" in n else "" for n in names]
+
+    def secname(k: int) -> str:
+        return secmod[k] if k < len(secmod) else ""
+    return None, shndx, secname
+
+
+def letter_of(img: Image, i: int) -> str:
+    """The symbol's kallsyms letter (stored, or what nm would print)."""
+    if img.letters is not None:
+        return chr(int(img.letters[i]))
+    s = img.syms[i]
+    shndx, bind, typ = int(s["st_shndx"]), int(s["st_info"]) >> 4, int(s["st_info"]) & 15
+    sh_type = sh_flags = 0
+    sname = ""
+    if 0 < shndx < len(img.shdrs):
+        sh_type, sh_flags = int(img.shdrs[shndx]["sh_type"]), int(img.shdrs[shndx]["sh_flags"])
+        sname = img.section_names[shndx]
+    return lt.nm_letter(shndx, bind, typ, sh_type, sh_flags, sname)
+
+
+def nlist_type(img: Image, i: int) -> int:
+    """n_type exactly as libbsd's elf_sym_to_nlist() computes it."""
+    s = img.syms[i]
+    shndx, info = int(s["st_shndx"]), int(s["st_info"])
+    sh_type = sh_flags = 0
+    if 0 < shndx < len(img.shdrs):
+        sh_type, sh_flags = int(img.shdrs[shndx]["sh_type"]), int(img.shdrs[shndx]["sh_flags"])
+    return n_type_of(shndx, info >> 4, info & 15, len(img.shdrs), sh_type, sh_flags)
+
+
+def _find_name(img: Image, want: bytes) -> np.ndarray:
+    """Indices of symbols named exactly ``want``: first byte, terminator, then byte by byte."""
+    if not want:
+        return np.zeros(0, np.int64)
+    cand = np.flatnonzero(img.first_bytes() == want[0])
+    off = img.syms["st_name"][cand].astype(np.int64)
+    end = off + len(want)
+    inside = end < len(img.strtab)
+    cand, off, end = cand[inside], off[inside], end[inside]
+    keep = img.strtab[end] == 0
+    cand, off = cand[keep], off[keep]
+    for j in range(1, len(want)):  # most candidates drop at the first bytes
+        keep = img.strtab[off + j] == want[j]
+        cand, off = cand[keep], off[keep]
+        if len(cand) == 0:
+            break
+    return cand
+
+
+def nlist(image: ImageLike | Image, names: Iterable[str]) -> dict[str, list[NlistHit]]:
+    """BSD nlist(3): each name -> every matching symbol (``_foo`` also matches ``foo``).
+
+    An empty list means not found (nlist(3) would leave n_type N_UNDF and n_value 0).
+    """
+    img = image if isinstance(image, Image) else parse_image(image)
+    out: dict[str, list[NlistHit]] = {}
+    for n in names:
+        b = n.encode("utf-8", "surrogateescape")
+        idx = _find_name(img, b)
+        if b.startswith(b"_"):
+            idx = np.union1d(idx, _find_name(img, b[1:]))
+        out[n] = [NlistHit(n, img.name(i), int(img.syms["st_value"][i]), nlist_type(img, i),
+                           img.module(i)) for i in sorted(idx.tolist())]
+    return out
+
+
+def locate(img: Image, addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(symbol index or -1, offset) per uint64 address, by the rule of ``lookup``."""
+    hit = np.full(len(addrs), -1, np.int64)
+    off = np.zeros(len(addrs), np.uint64)
+    for idx, vals in img.by_address():
+        todo = np.flatnonzero(hit < 0)
+        if len(todo) == 0 or len(vals) == 0:
+            break
+        q = addrs[todo]
+        k = np.searchsorted(vals, q, side="right") - 1
+        has = k >= 0
+        todo, q, k = todo[has], q[has], k[has]
+        k = np.searchsorted(vals, vals[k], side="left")  # first (global) at that value
+        i = idx[k]
+        o = q - vals[k]
+        inside = o < np.maximum(img.syms["st_size"][i].astype(np.uint64), np.uint64(1))
+        hit[todo[inside]] = i[inside]
+        off[todo[inside]] = o[inside]
+    return hit, off
+
+
+def lookup(image: ImageLike | Image, addrs: Iterable[int]) -> list[Lookup | None]:
+    """Symbol containing each address: greatest st_value <= addr with addr < value+size.
+
+    Only symbols in address sections count (not SHN_ABS/SHN_UNDEF); among symbols at one
+    address a global one is preferred. A size-0 symbol matches only its exact address.
+    ARM/AArch64 mapping symbols ($a, $d, $x.N, ...) answer only where no other symbol
+    does.
+    """
+    img = image if isinstance(image, Image) else parse_image(image)
+    want = list(addrs)
+    for a in want:
+        check_address(a)
+    hit, off = locate(img, np.array(want, np.uint64))
+    res: list[Lookup | None] = []
+    for a, i, o in zip(want, hit.tolist(), off.tolist()):
+        res.append(None if i < 0 else
+                   Lookup(a, img.name(i), o, int(img.syms["st_size"][i]), img.module(i)))
+    return res
+
+
+def dump_lines(image: ImageLike | Image, width: int | None = None) -> Iterable[str]:
+    """The image back as kallsyms text lines (symtab order), module suffixes included."""
+    img = image if isinstance(image, Image) else parse_image(image)
+    w = width or img.address_width
+    names = img.names()
+    vals = img.syms["st_value"].tolist()
+    if img.letters is not None:
+        lets = [chr(c) for c in img.letters.tolist()]
+    else:
+        lets = [letter_of(img, i) for i in range(len(img))]
+    info = img.syms["st_info"].tolist()
+    for v, c, n, m, inf in zip(vals, lets, names, img.modules, info):
+        if inf & 15 == STT_FILE and img.letters is None:
+            continue
+        yield f"{v:0{w}x} {c} {n}\t[{m}]" if m else f"{v:0{w}x} {c} {n}"
