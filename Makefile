@@ -15,6 +15,9 @@ LLVM_READELF_LINK ?= /usr/local/bin/llvm-readelf
 TESTVENV ?= build/venv
 PIP_FLAGS = -q --disable-pip-version-check --no-input
 export PYTHONDONTWRITEBYTECODE := 1
+LAYOUT = PYTHON='$(PYTHON)' VENV='$(VENV)' SBIN_LINK='$(SBIN_LINK)' HELPER='$(HELPER)' \
+    UNIT='$(UNIT)' MANDIR='$(MANDIR)' LLVM_READELF_LINK='$(LLVM_READELF_LINK)' KSYMS='$(KSYMS)' \
+    DESTDIR='$(DESTDIR)' ./scripts/layout.sh
 # the interpreter for tests/lint/bench: the test venv once it exists
 TESTPY = $(if $(wildcard $(TESTVENV)/bin/python),$(TESTVENV)/bin/python,$(PYTHON))
 
@@ -33,36 +36,12 @@ deps: ## apt packages needed to run and test (as root)
 install: deps-run install-files ## run install: apt packages + venv, command, mount helper, unit, man page
 
 install-files: ## the files of the run install only (no apt); honours DESTDIR
-	rm -rf '$(DESTDIR)$(VENV)'
-	$(PYTHON) -m venv '$(DESTDIR)$(VENV)'
-	'$(DESTDIR)$(VENV)/bin/python' -m pip install $(PIP_FLAGS) --no-cache-dir .
-	rm -rf build/lib build/bdist.*
-	install -d '$(DESTDIR)$(dir $(SBIN_LINK))' '$(DESTDIR)$(dir $(HELPER))' \
-	    '$(DESTDIR)$(dir $(UNIT))' '$(DESTDIR)$(MANDIR)'
-	printf '#!/bin/sh\nexec %s -I -m ksymsfs "$$@"\n' '$(VENV)/bin/python' > '$(DESTDIR)$(SBIN_LINK)'
-	chmod 755 '$(DESTDIR)$(SBIN_LINK)'
-	cp '$(DESTDIR)$(SBIN_LINK)' '$(DESTDIR)$(HELPER)'
-	sed 's|/opt/ksymsfs|$(VENV)|g' scripts/ksymsfs.service > '$(DESTDIR)$(UNIT)'
-	chmod 644 '$(DESTDIR)$(UNIT)'
-	install -m 644 man/ksymsfs.8 '$(DESTDIR)$(MANDIR)/ksymsfs.8'
-	printf '.so man8/ksymsfs.8\n' > '$(DESTDIR)$(MANDIR)/ksyms.8'
-	if [ -z '$(DESTDIR)' ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
-	@echo 'installed: $(VENV) $(SBIN_LINK) $(HELPER) $(UNIT) $(MANDIR)/ksymsfs.8 $(MANDIR)/ksyms.8'
+	$(LAYOUT) install
 
 install-mount-helper: install-files ## (kept for old scripts) the helper is part of install-files
 
 uninstall: ## remove everything install put anywhere (apt packages stay); honours DESTDIR
-	if [ -z '$(DESTDIR)' ] && [ -d /run/systemd/system ]; then \
-	    systemctl disable --now ksymsfs.service 2>/dev/null || true; fi
-	if [ -z '$(DESTDIR)' ] && [ -x '$(VENV)/bin/python' ]; then \
-	    '$(VENV)/bin/python' -I -m ksymsfs umount '$(KSYMS)' 2>/dev/null || true; fi
-	rm -rf '$(DESTDIR)$(VENV)'
-	rm -f '$(DESTDIR)$(SBIN_LINK)' '$(DESTDIR)$(HELPER)' '$(DESTDIR)$(UNIT)' \
-	    '$(DESTDIR)$(dir $(UNIT))multi-user.target.wants/ksymsfs.service' \
-	    '$(DESTDIR)$(MANDIR)/ksymsfs.8' '$(DESTDIR)$(MANDIR)/ksyms.8'
-	case "$$(readlink '$(DESTDIR)$(LLVM_READELF_LINK)' 2>/dev/null)" in \
-	    /usr/bin/llvm-readelf-*) rm -f '$(DESTDIR)$(LLVM_READELF_LINK)' ;; esac
-	if [ -z '$(DESTDIR)' ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	$(LAYOUT) uninstall
 
 $(TESTVENV)/.installed: pyproject.toml
 	rm -rf '$(TESTVENV)'

@@ -13,5 +13,6 @@ if [ "$(id -u)" != 0 ]; then
     echo "setup.sh: run me as root (apt-get install, FUSE mount at /dev/ksyms)" >&2
     exit 1
 fi
-./scripts/install-deps.sh
+# the run command needs only the run-time packages; the test command everything
+if [ "$1" = run ]; then KSYMSFS_DEPS=run ./scripts/install-deps.sh; else ./scripts/install-deps.sh; fi
 exec make "$1"
