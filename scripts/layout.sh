@@ -18,18 +18,18 @@ systemd_running() { [ -z "$D" ] && [ -d /run/systemd/system ]; }
 missing_dirs() {  # the directories (ancestors first) that installing $1... would create
     for f in "$@"; do
         d=$(dirname "$f") chain=""
-        while [ ! -d "$D$d" ]; do chain="$d $chain"; d=$(dirname "$d"); done
+        while [ "$d" != / ] && [ ! -d "$D$d" ]; do chain="$d $chain"; d=$(dirname "$d"); done
         for c in $chain; do echo "$c"; done
     done | awk '!seen[$0]++'
 }
 
 do_install() {
+    [ -z "$D" ] || mkdir -p "$D"
     old=$(cat "$MANIFEST" 2>/dev/null || true)
     new=$(missing_dirs "$VENV/x" $FILES)
     rm -rf "$D$VENV"
     "$PYTHON" -m venv "$D$VENV"
-    "$D$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-input \
-        --no-cache-dir .
+    "$D$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-input .
     rm -rf build/lib build/bdist.*  # setuptools' in-tree build output
     printf '%s\n' $old $new | awk 'NF && !seen[$0]++' > "$MANIFEST"
     for f in $FILES; do mkdir -p "$D$(dirname "$f")"; done
