@@ -1,20 +1,28 @@
 #!/bin/sh
-# The main job: serve the live kernel's symbols at $KSYMS (default /dev/ksyms) and use it.
+# The main job (`make run`): serve the live kernel's symbols at $KSYMS (default /dev/ksyms)
+# with the installed ksymsfs command ($KSYMSFS) and read them with nm, readelf and nlist(3).
 set -eu
 KSYMS=${KSYMS:-/dev/ksyms}
-PY=${PYTHON:-python3}
-ksymsfs() { "$PY" -m ksymsfs "$@"; }
-state=$("$PY" -c 'import sys; from ksymsfs.mount import mount_state; print(mount_state(sys.argv[1]))' "$KSYMS")
-if [ "$state" = stale ]; then ksymsfs umount "$KSYMS"; state=none; fi
-[ "$state" = mounted ] || ksymsfs mount "$KSYMS"
+KSYMSFS=${KSYMSFS:-ksymsfs}
+# --force: a stale mount (left by a daemon that died: ENOTCONN) is lazily unmounted first;
+# a working mount (e.g. the systemd unit's) is used as it is
+if ! out=$("$KSYMSFS" mount --force "$KSYMS" 2>&1); then
+    case $out in
+        *"already mounted"*) echo "ksymsfs: $KSYMS is already mounted; using it" ;;
+        *) echo "$out" >&2; exit 1 ;;
+    esac
+else
+    echo "$out"
+fi
 set -x
+"$KSYMSFS" --version
 ls -l "$KSYMS"
 nm "$KSYMS" | head -5
 nm "$KSYMS" | wc -l
 readelf -h "$KSYMS" | sed -n '1,8p'
 readelf -sW "$KSYMS" | sed -n '1,6p'
-ksymsfs nlist "$KSYMS" _stext schedule no_such_symbol || true
-ksymsfs lookup "$KSYMS" "$(nm "$KSYMS" | awk '$3 == "schedule" {print $1; exit}')"
+"$KSYMSFS" nlist "$KSYMS" _stext schedule no_such_symbol || true
+"$KSYMSFS" lookup "$KSYMS" "$(nm "$KSYMS" | awk '$3 == "schedule" {print $1; exit}')"
 cc -o /tmp/ksymsfs-nlist tests/nlist_client.c -lbsd && /tmp/ksymsfs-nlist "$KSYMS" _stext schedule no_such_symbol || true
 set +x
-echo "ksymsfs: $KSYMS is mounted; unmount with: $PY -m ksymsfs umount $KSYMS"
+echo "ksymsfs: $KSYMS is mounted; unmount with: ksymsfs umount $KSYMS"
