@@ -39,7 +39,7 @@ from .elfdefs import (
     word_dtype,
 )
 from .errors import ImageError
-from .kallsyms import SymbolTable
+from .kallsyms import SymbolTable, is_pseudo_module
 from .layout import (
     Section,
     cut_runs,
@@ -331,7 +331,9 @@ def _sections(table, addr, cls, rank, section_bases):
         o = o.astype(np.int32)
     o = o[_sort_sectioned(cls[o], addr[o], rank[o])]
     a, r = addr[o], rank[o]
-    sz = run_sizes(a, r, SIZE_CAP, unsized(table.strtab, table.name_off[o], cls[o]))
+    pseudo = np.array([bool(i) and is_pseudo_module(m) for i, m in enumerate(table.modules)])
+    sz = run_sizes(a, r, SIZE_CAP, unsized(table.strtab, table.name_off[o], cls[o]),
+                   pseudo[table.module[o]])
     # a run: same module, same class, contiguous in address order
     c = cls[o]
     new = np.empty(len(o), bool)

@@ -119,9 +119,11 @@ class Image:
         return [tab[a:b].decode("utf-8", "surrogateescape") for a, b in zip(off, ends)]
 
 
-def parse_image(image: ImageLike) -> Image:
-    """Validate headers and bounds (every offset checked against the file size)."""
-    data, path = load_bytes(image)
+def parse_image(image: ImageLike, path: str | None = None) -> Image:
+    """Validate headers and bounds (every offset checked against the file size); errors
+    name ``path`` (default: the file's own name)."""
+    data, own = load_bytes(image)
+    path = path or own
     if len(data) < 16 or data[:4] != b"\x7fELF":
         raise _fail(path, "no ELF magic" if data else "empty file")
     cls, order = data[4], data[5]

@@ -49,7 +49,7 @@ def parse_image(image: ImageLike | Image | PyImage, engine: str | None = None) -
     if engine == "python" or (engine is None and len(data) <= SMALL_IMAGE):
         return PyImage(data, path)
     from . import npreader
-    img = npreader.parse_image(data)
+    img = npreader.parse_image(data, path)
     img.path = path
     return img
 

@@ -63,13 +63,18 @@ def infer_sizes(addr: np.ndarray, group: np.ndarray, mapping: np.ndarray | None 
 
 
 def run_sizes(addr: np.ndarray, group: np.ndarray, cap: int,
-              mapping: np.ndarray | None = None) -> np.ndarray:
-    """infer_sizes capped at ``cap`` (< 2**32), as uint32."""
+              mapping: np.ndarray | None = None,
+              page_bound: np.ndarray | None = None) -> np.ndarray:
+    """infer_sizes capped at ``cap`` (< 2**32), as uint32. ``page_bound``: symbols that
+    never reach past their own page (pseudo-modules: each BPF program, trampoline or
+    kprobe page is an allocation of its own, so the next one's distance means nothing)."""
     n = len(addr)
     real = None
     if mapping is not None and np.any(mapping):
         real = np.flatnonzero(~np.asarray(mapping, bool))
         addr, group = addr[real], group[real]
+        if page_bound is not None:
+            page_bound = page_bound[real]
     gap = _gap_in_group(addr, group)
     last = np.flatnonzero(gap == 0)  # no greater address in its group: few
     la = addr[last]
@@ -78,6 +83,12 @@ def run_sizes(addr: np.ndarray, group: np.ndarray, cap: int,
     gap[last] = end
     sel, dist = _gap_to_next_any(addr, group, last)
     gap[sel] = np.minimum(gap[sel], dist)
+    if page_bound is not None and np.any(page_bound):
+        pb = np.flatnonzero(page_bound)
+        pa = addr[pb]
+        pend = np.uint64(PAGE_SIZE) - (pa & np.uint64(PAGE_SIZE - 1))
+        np.minimum(pend, ~pa, out=pend)
+        gap[pb] = np.minimum(gap[pb], pend)
     gap[addr == 0] = 0
     np.minimum(gap, np.uint64(cap), out=gap)
     if real is None:

@@ -746,7 +746,7 @@ def sec_startup(rep: Report, args, work: str) -> dict:
     with open(kp, "wb") as f:
         f.write(ks)
     with open(img, "wb") as f:
-        f.write(make_image(Sources(kp, None, modules_optional=False)).data)
+        make_image(Sources(kp, None, modules_optional=False)).data.write_to(f.fileno())
     first = ks.split(b"\n", 1)[0].split()
     name, addr = first[2].decode(), f"{int(first[0], 16) + 1:x}"
     py = [sys.executable]
