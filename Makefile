@@ -4,7 +4,7 @@ KSYMS ?= /dev/ksyms
 export PIP_BREAK_SYSTEM_PACKAGES := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install run test test-fast lint bench install-mount-helper clean
+.PHONY: help install run test test-fast test-vm lint bench install-mount-helper clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
@@ -22,6 +22,11 @@ test: install ## the whole test suite, real FUSE mounts included (root)
 
 test-fast: ## tests without the slow soak/churn ones, no install step
 	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-vm: ## boot Debian's kernel under qemu, run the guest scenario (VM_CHURN=ci|long)
+	./scripts/vm/install-deps.sh
+	mkdir -p build
+	KSYMSFS_VM=1 $(PYTHON) -m pytest -ra -m vm --junitxml=build/junit-vm.xml tests/vm $(PYTEST_ARGS)
 
 lint: ## ruff
 	$(PYTHON) -m ruff check ksymsfs tests scripts

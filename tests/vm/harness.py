@@ -24,6 +24,7 @@ INITRD_MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_
                   "virtio_pci", "netfs", "fscache", "9pnet", "9p", "9pnet_virtio"]
 ALIVE = "ksymsfs-vm: init"     # first line init prints: the guest really booted
 DONE = "ksymsfs-vm: guest exit"
+TIMEOUT_S = {"none": 600.0, "ci": 900.0, "long": 3600.0}  # whole qemu run, then killed
 KVM_ALIVE_S = 60               # a KVM guest that has not printed ALIVE by then is dead
 
 INIT = r"""#!/bin/busybox sh
@@ -103,9 +104,11 @@ def prepare(cache: Path = CACHE) -> Kernel:
 
 def build_initramfs(root: Path, version: str, out: Path) -> None:
     """Static busybox + the INITRD_MODULES .ko files + our /init, as a newc cpio."""
-    busybox = shutil.which("busybox")
-    if not busybox or "static" not in run(["file", "-L", busybox]).stdout:
-        busybox = "/bin/busybox"
+    busybox = "/bin/busybox"   # busybox-static's: the initramfs has no libc
+    with open(busybox, "rb") as f:
+        from elftools.elf.elffile import ELFFile
+        if any(s["p_type"] == "PT_INTERP" for s in ELFFile(f).iter_segments()):
+            raise RuntimeError(f"{busybox} is dynamically linked: install busybox-static")
     tree = out.parent / "initrd"
     shutil.rmtree(tree, ignore_errors=True)
     for d in ("bin", "dev", "proc", "sys", "lib/modules"):
@@ -190,7 +193,7 @@ def boot_once(k: Kernel, out: Path, accel: str, timeout: float, alive_s: float |
 
 
 def boot(out: Path, churn: str = "ci", timeout: float = 600.0,
-         accel: str | None = None) -> dict:
+         accel: str | None = None, capture: bool = False) -> dict:
     """Prepare (cached), boot the scenario once, return the guest's results.json."""
     k = prepare()
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +201,8 @@ def boot(out: Path, churn: str = "ci", timeout: float = 600.0,
         (out / f).unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps({"churn": churn, "repo": str(REPO),
                                                  "modroot": str(k.modroot),
-                                                 "version": k.version}))
+                                                 "version": k.version,
+                                                 "capture": capture}))
     accel = accel or os.environ.get("KSYMSFS_VM_ACCEL") or "auto"
     state = "dead"
     if accel in ("auto", "kvm") and kvm_usable():
@@ -219,10 +223,12 @@ def main() -> int:
     ap.add_argument("--churn", default=os.environ.get("VM_CHURN", "ci"),
                     choices=["ci", "long", "none"])
     ap.add_argument("--out", type=Path, default=CACHE / "out")
-    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--timeout", type=float, default=None)
+    ap.add_argument("--capture", action="store_true",
+                    help="also copy kallsyms, modules, /sys/module/*/sections to OUT/dump")
     a = ap.parse_args()
     t = time.monotonic()
-    res = boot(a.out, a.churn, a.timeout)
+    res = boot(a.out, a.churn, a.timeout or TIMEOUT_S[a.churn], capture=a.capture)
     bad = [n for n, c in res.get("checks", {}).items() if not c.get("ok")]
     print(f"vm: {len(res.get('checks', {}))} checks, failed: {bad or 'none'};"
           f" {time.monotonic() - t:.0f} s; {a.out}/results.json")
