@@ -15,6 +15,8 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
@@ -205,6 +207,12 @@ def mount_checks(m: Mounted) -> None:
     (OUT / "mount.elf").write_bytes(data)
 
 
+def image_modules(data: bytes) -> set[str]:
+    from ksymsfs.reader import parse_image
+    img = parse_image(data)
+    return {img.modname(int(k)) for k in np.unique(img.modkey)}
+
+
 def held_view(f) -> dict:
     f.seek(0)
     data = f.read()
@@ -220,16 +228,15 @@ def held_fd_checks(m: Mounted) -> None:
     held = open(m.path, "rb")
     v1 = held_view(held)
     ko.modprobe(MODROOT, "-r", "dummy")
-    after_rmmod = image_lines(read_as(m.path, None))  # another process's open: new state
+    after_rmmod = read_as(m.path, None)  # another process's open: the new state
     r = ko.modprobe(MODROOT, "dummy")
-    after_load = image_lines(read_as(m.path, None))
+    after_load = read_as(m.path, None)
     v2 = held_view(held)
-    old = image_lines(v2["data"])
     held.close()
     sizes = {k: v2[k] for k in ("read", "fstat", "kiocgsize")}
-    has = {name: any(ln.endswith("\t[dummy]") for ln in lines)
-           for name, lines in (("held_before", image_lines(v1["data"])), ("held_after", old),
-                               ("after_rmmod", after_rmmod), ("after_modprobe", after_load))}
+    has = {name: "dummy" in image_modules(data)
+           for name, data in (("held_before", v1["data"]), ("held_after", v2["data"]),
+                              ("after_rmmod", after_rmmod), ("after_modprobe", after_load))}
     RES.check("held_fd_keeps_snapshot", v1["data"] == v2["data"] and has["held_after"], has)
     RES.check("held_fd_sizes_agree", len(set(sizes.values())) == 1 or
             (sizes["fstat"] == sizes["kiocgsize"] and sizes["read"] <= sizes["fstat"]
@@ -253,21 +260,25 @@ def read_as(path: str, user: int | None) -> bytes:
                           check=True).stdout
 
 
+# (kptr_restrict, perf_event_paranoid, who, uid): each rule of kallsyms_show_value once
+POLICY_CASES = [(0, 3, "root", None), (0, 3, "nobody", 65534), (0, 1, "nobody", 65534),
+                (1, 3, "root", None), (1, 3, "nobody", 65534), (2, 3, "root", None)]
+
+
 @step("policy")
 def policy_checks(m: Mounted) -> None:
     sysk = Path("/proc/sys/kernel")
     saved = {k: (sysk / k).read_text() for k in ("kptr_restrict", "perf_event_paranoid")}
     rows, ok = [], True
     try:
-        for kptr, paranoid in ((0, 3), (0, 1), (1, 3), (2, 3)):
+        for kptr, paranoid, who, uid in POLICY_CASES:
             (sysk / "kptr_restrict").write_text(f"{kptr}\n")
             (sysk / "perf_event_paranoid").write_text(f"{paranoid}\n")
-            for who, uid in (("root", None), ("nobody", 65534)):
-                kernel = kernel_shows(read_as("/proc/kallsyms", uid))
-                image = image_shows(read_as(m.path, uid))
-                rows.append({"kptr_restrict": kptr, "perf_event_paranoid": paranoid,
-                             "user": who, "kernel_shows": kernel, "image_shows": image})
-                ok &= kernel == image
+            kernel = kernel_shows(read_as("/proc/kallsyms", uid))
+            image = image_shows(read_as(m.path, uid))
+            rows.append({"kptr_restrict": kptr, "perf_event_paranoid": paranoid,
+                         "user": who, "kernel_shows": kernel, "image_shows": image})
+            ok &= kernel == image
     finally:
         for k, v in saved.items():
             (sysk / k).write_text(v)

@@ -24,7 +24,7 @@ INITRD_MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_
                   "virtio_pci", "netfs", "fscache", "9pnet", "9p", "9pnet_virtio"]
 ALIVE = "ksymsfs-vm: init"     # first line init prints: the guest really booted
 DONE = "ksymsfs-vm: guest exit"
-TIMEOUT_S = {"none": 600.0, "ci": 900.0, "long": 3600.0}  # whole qemu run, then killed
+TIMEOUT_S = {"none": 600.0, "ci": 900.0, "long": 3300.0}  # whole qemu run, then killed
 KVM_ALIVE_S = 60               # a KVM guest that has not printed ALIVE by then is dead
 
 INIT = r"""#!/bin/busybox sh

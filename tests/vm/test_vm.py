@@ -29,7 +29,11 @@ TOOLS = {"readelf": ("readelf", "-a", "-W"), "nm": ("nm",), "objdump": ("objdump
 
 @pytest.fixture(scope="session")
 def guest() -> tuple[dict, Path]:
-    """Boot once (kernel download on a fresh checkout): results.json and the output dir."""
+    """Boot once (kernel download on a fresh checkout): results.json and the output dir.
+
+    VM_CHURN=long for the long churn run; VM_CAPTURE=1 also copies the guest's kallsyms,
+    modules and /sys/module/*/sections to OUT/dump (how tests/data/debian12-6.1-x86_64 was made).
+    """
     out = harness.CACHE / "out"
     churn = os.environ.get("VM_CHURN", "ci")
     missing = [t for t in ("qemu-system-x86_64", "apt-get", "dpkg-deb", "depmod", "modprobe",
@@ -40,7 +44,8 @@ def guest() -> tuple[dict, Path]:
             pytest.fail(msg)
         pytest.skip(msg)
     try:
-        res = harness.boot(out, churn, harness.TIMEOUT_S[churn])
+        res = harness.boot(out, churn, harness.TIMEOUT_S[churn],
+                           capture=bool(os.environ.get("VM_CAPTURE")))
     except (harness.BootError, subprocess.CalledProcessError) as e:
         pytest.fail(f"guest did not run: {e} {getattr(e, 'stderr', '') or ''}")
     print(f"vm: results in {out}")
