@@ -10,7 +10,8 @@ bracketed by signals that move on any such change:
   list, KOBJ_ADD after a loading one appears (kernel/module/main.c); together with the
   two /proc/modules reads this catches an unload-reload at the same address (ABA);
 - the eBPF program ids (``BPF_PROG_GET_NEXT_ID``, root only): a program removed during the
-  read shifts the ``[bpf]`` region;
+  read shifts the ``[bpf]`` region; and since an id is freed just *before* its kallsyms
+  entry, the printed ``bpf_prog_*`` lines must all belong to programs still listed;
 
 and the text must have the shape one state has (``shape_problem``), which catches a
 module that appeared and vanished with no uevent (a load failing after COMING).
@@ -30,6 +31,11 @@ from .kallsyms import SymbolTable, is_pseudo_module
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "i686": 357, "armv7l": 386}
 BPF_PROG_GET_NEXT_ID = 11
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
+PROG_INFO_LEN = 128            # struct bpf_prog_info up to jited_func_lens (uapi/linux/bpf.h)
+INFO_NR_JITED_KSYMS = 104      # __u32 nr_jited_ksyms
+INFO_JITED_KSYMS = 112         # __aligned_u64 jited_ksyms (user pointer to __u64[])
 
 
 @dataclass(frozen=True)
@@ -38,10 +44,13 @@ class Signals:
 
     seqnum: bytes | None              # /sys/kernel/uevent_seqnum, None if absent
     bpf_ids: tuple[int, ...] | None   # eBPF program ids, None if they cannot be listed
+    bpf_ksyms: frozenset[int] | None = None  # their functions' addresses (after the read)
 
 
-def read_signals(seqnum_path: str | None, bpf: bool) -> Signals:
-    return Signals(_read_seqnum(seqnum_path), bpf_prog_ids() if bpf else None)
+def read_signals(seqnum_path: str | None, bpf: bool, ksyms: bool = False) -> Signals:
+    ids = bpf_prog_ids() if bpf else None
+    return Signals(_read_seqnum(seqnum_path), ids,
+                   bpf_prog_ksyms(ids) if ksyms and ids is not None else None)
 
 
 def _read_seqnum(path: str | None) -> bytes | None:
@@ -83,6 +92,75 @@ def bpf_prog_ids() -> tuple[int, ...] | None:
             return tuple(ids) if err == 2 else None   # ENOENT: past the last id
         start = struct.unpack_from("<II", attr, 0)[1]
         ids.append(start)
+
+
+def _bpf(cmd: int, attr) -> int:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc.syscall(_SYS_BPF[platform.machine()], cmd, attr, len(attr))
+
+
+def bpf_prog_ksyms(ids: tuple[int, ...]) -> frozenset[int] | None:
+    """Addresses of the programs' JITed functions (what kallsyms prints as
+    ``bpf_prog_<tag>_<name> [bpf]``), or None if a program went away meanwhile."""
+    out: set[int] = set()
+    for i in ids:
+        attr = ctypes.create_string_buffer(16)
+        struct.pack_into("<I", attr, 0, i)
+        fd = _bpf(BPF_PROG_GET_FD_BY_ID, attr)
+        if fd < 0:
+            return None
+        try:
+            addrs = _prog_ksyms(fd)
+        finally:
+            os.close(fd)
+        if addrs is None:
+            return None
+        out.update(addrs)
+    return frozenset(out)
+
+
+def _prog_ksyms(fd: int) -> list[int] | None:
+    info = ctypes.create_string_buffer(PROG_INFO_LEN)
+    attr = ctypes.create_string_buffer(16)
+    struct.pack_into("<IIQ", attr, 0, fd, PROG_INFO_LEN, ctypes.addressof(info))
+    if _bpf(BPF_OBJ_GET_INFO_BY_FD, attr) != 0:
+        return None
+    n = struct.unpack_from("<I", info, INFO_NR_JITED_KSYMS)[0]
+    if n == 0:
+        return []
+    buf = (ctypes.c_uint64 * n)()
+    info = ctypes.create_string_buffer(PROG_INFO_LEN)
+    struct.pack_into("<I", info, INFO_NR_JITED_KSYMS, n)
+    struct.pack_into("<Q", info, INFO_JITED_KSYMS, ctypes.addressof(buf))
+    struct.pack_into("<IIQ", attr, 0, fd, PROG_INFO_LEN, ctypes.addressof(info))
+    if _bpf(BPF_OBJ_GET_INFO_BY_FD, attr) != 0:
+        return None
+    return list(buf)
+
+
+def bpf_lines_problem(table: SymbolTable, ksyms: frozenset[int] | None) -> str:
+    """Every ``bpf_prog_*`` line must be a function of a program listed after the read.
+
+    A program's id is freed before its kallsyms entry is deleted (kernel/bpf/syscall.c
+    ``__bpf_prog_put``): one closed just before the ids were listed can still leave
+    mid-read, after it was printed, and shift the ``[bpf]`` region (a later program is
+    skipped) with both id lists equal. Its printed line has an address no listed
+    program owns. (Listed programs without a line are normal: one loaded without
+    CAP_BPF gets no kallsyms entry.)
+    """
+    if ksyms is None or "bpf" not in table.modules:
+        return ""
+    m = table.modules.index("bpf")
+    sel = np.flatnonzero(table.module == m)
+    got = {a for i, a in zip(sel.tolist(), table.addr[sel].tolist())
+           if table.name(i).startswith("bpf_prog_")}
+    extra = got - ksyms
+    if not extra or not any(got):   # all zero: addresses hidden from this reader
+        return ""
+    return (f"{len(extra)} [bpf] program line(s) of no listed program: one left while "
+            "kallsyms was read")
 
 
 def bpf_ids_usable() -> bool:

@@ -152,7 +152,8 @@ def take_snapshot(src: Sources,
     """Read signals, modules, kallsyms, modules, signals; retry while anything moved, then ENXIO.
 
     Clean means: both module lists equal, the signals (uevent seqnum, eBPF program ids)
-    did not move, and the text has one state's shape (consistency.shape_problem). If the
+    did not move, and the text has one state's shape (consistency.shape_problem) with
+    only listed programs' ``[bpf]`` lines (consistency.bpf_lines_problem). If the
     bytes read hash to ``previous.digest``, ``previous`` itself is returned: nothing
     changed, so its parsed table (and any image built from it) is still exact.
     """
@@ -162,7 +163,7 @@ def take_snapshot(src: Sources,
         m1 = _read_modules(src)
         kdata = _read(src.kallsyms)
         m2 = _read_modules(src)
-        after = consistency.read_signals(src.seqnum, src.bpf_ids)
+        after = consistency.read_signals(src.seqnum, src.bpf_ids, ksyms=src.bpf_ids)
         why = consistency.moved(before, after)
         if m1 != m2:
             why = f"{src.modules} changed while {src.kallsyms} was read"
@@ -175,7 +176,8 @@ def take_snapshot(src: Sources,
         mods = None if m1 is None else parse_modules(m1, src.modules or "")
         warnings = _cross_check(table, mods, src)
         if src.strict_modules:
-            why = (warnings[0] if warnings else "") or consistency.shape_problem(table)
+            why = ((warnings[0] if warnings else "") or consistency.shape_problem(table)
+                   or consistency.bpf_lines_problem(table, after.bpf_ksyms))
         if why:
             continue
         bases = {}

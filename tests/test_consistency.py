@@ -222,6 +222,22 @@ def test_bpf_program_removed_mid_read_is_caught_by_ids(kernel, monkeypatch):
     assert snap.tries == 2 and lines_of(snap) == kernel.state_lines()
 
 
+def test_bpf_id_freed_before_its_line_is_caught_by_addresses(kernel, monkeypatch):
+    """__bpf_prog_put frees the id, then deletes the kallsyms entry: closed just before
+    the ids are listed, p0 is printed and then leaves mid-read (p2 skipped), and both id
+    lists are equal. Its line's address belongs to no listed program."""
+    gone: set[int] = set()
+    monkeypatch.setattr(consistency, "bpf_prog_ids",
+                        lambda: tuple(i for i, _ in kernel.bpf if i not in gone))
+    monkeypatch.setattr(consistency, "bpf_prog_ksyms", lambda ids: frozenset(
+        0xffffffffa0000000 + 0x1000 * i for i in ids))
+    gone.add(kernel.bpf[0][0])
+    kernel.hooks.append((KERNEL_LINES + 122, lambda: kernel.bpf_close(0)))
+    snap = take_snapshot(kernel.sources(bpf_ids=True))
+    assert snap.tries == 2 and lines_of(snap) == kernel.state_lines()
+    assert "bpf_prog_0123_p0" not in "".join(lines_of(snap))
+
+
 def test_keeps_changing_gives_enxio(kernel):
     for _ in range(3):
         aba(kernel)
