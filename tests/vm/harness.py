@@ -73,7 +73,11 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 def kernel_package() -> str:
     """The package linux-image-amd64 depends on (e.g. linux-image-6.1.0-57-amd64)."""
-    out = run(["apt-cache", "depends", META_PACKAGE]).stdout
+    try:
+        out = run(["apt-cache", "depends", META_PACKAGE]).stdout
+    except subprocess.CalledProcessError:   # a fresh machine without package lists
+        run(["apt-get", "update", "-qq"])
+        out = run(["apt-cache", "depends", META_PACKAGE]).stdout
     for line in out.splitlines():
         dep = line.strip().partition("Depends: ")[2]
         if dep.startswith("linux-image-"):
