@@ -294,12 +294,14 @@ def main() -> int:
     setup()
     if CONFIG.get("capture"):
         capture()
-    snapshot_checks()
+    if not CONFIG.get("churn_only"):
+        snapshot_checks()
     m = Mounted()
     try:
-        mount_checks(m)
-        held_fd_checks(m)
-        policy_checks(m)
+        if not CONFIG.get("churn_only"):
+            mount_checks(m)
+            held_fd_checks(m)
+            policy_checks(m)
         ko.function_tracer(False)   # everything runs ~10x slower while it traces
         churn.run_all(RES, m.path, MODROOT, CONFIG.get("churn", "ci"), step)
     finally:
