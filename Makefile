@@ -60,6 +60,11 @@ test: deps install-files test-venv ## the whole test suite, real FUSE mounts and
 test-fast: ## tests without the slow ones, no install step
 	$(TESTPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+test-vm: test-venv ## boot Debian's kernel under qemu, run the guest scenario (VM_CHURN=ci|long)
+	./scripts/vm/install-deps.sh
+	mkdir -p build
+	KSYMSFS_VM=1 '$(TESTVENV)/bin/python' -m pytest -ra -m vm --junitxml=build/junit-vm.xml tests/vm $(PYTEST_ARGS)
+
 lint: ## ruff
 	$(TESTPY) -m ruff check ksymsfs tests scripts
 

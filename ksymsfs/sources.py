@@ -7,6 +7,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from . import consistency
 from .errors import ParseError, SnapshotError
 from .kallsyms import SymbolTable, is_pseudo_module, parse_kallsyms
 from .notes import Notes, read_notes
@@ -100,11 +101,14 @@ class Sources:
     modules_optional: bool = True        # a missing modules file means "no modules"
     strict_modules: bool = True          # kallsyms module absent from the list = unclean
     max_read: int = DEFAULT_MAX_READ     # bytes: a larger (or endless) source is refused
+    seqnum: str | None = None            # /sys/kernel/uevent_seqnum: moves on module changes
+    bpf_ids: bool = False                # list eBPF program ids around the read (root)
 
     @classmethod
     def live(cls, procfs: str = "/proc", sysfs: str = "/sys") -> Sources:
         return cls(os.path.join(procfs, "kallsyms"), os.path.join(procfs, "modules"),
-                   os.path.join(sysfs, "module"), os.path.join(sysfs, "kernel", "notes"))
+                   os.path.join(sysfs, "module"), os.path.join(sysfs, "kernel", "notes"),
+                   seqnum=os.path.join(sysfs, "kernel", "uevent_seqnum"), bpf_ids=True)
 
 
 @dataclass
@@ -117,6 +121,7 @@ class Snapshot:
     warnings: list[str] = field(default_factory=list)
     digest: bytes = b""  # SHA-256 of the bytes read, to spot "nothing changed"
     notes: Notes | None = None  # the kernel's and modules' ELF notes (build-ids)
+    tries: int = 1       # readings it took (the others were unclean)
 
     @property
     def all_zero(self) -> bool:
@@ -144,18 +149,25 @@ def _read_modules(src: Sources) -> bytes | None:
 def take_snapshot(src: Sources,
                   section_cache: dict | None = None,
                   previous: Snapshot | None = None) -> Snapshot:
-    """Read modules, kallsyms, modules again; retry while they disagree, then ENXIO.
+    """Read signals, modules, kallsyms, modules, signals; retry while anything moved, then ENXIO.
 
-    If the bytes read hash to ``previous.digest``, ``previous`` itself is returned: nothing
+    Clean means: both module lists equal, the signals (uevent seqnum, eBPF program ids)
+    did not move, and the text has one state's shape (consistency.shape_problem) with
+    only listed programs' ``[bpf]`` lines (consistency.bpf_lines_problem). If the
+    bytes read hash to ``previous.digest``, ``previous`` itself is returned: nothing
     changed, so its parsed table (and any image built from it) is still exact.
     """
     why = ""
-    for _ in range(SNAPSHOT_TRIES):
+    for tries in range(1, SNAPSHOT_TRIES + 1):
+        before = consistency.read_signals(src.seqnum, src.bpf_ids)
         m1 = _read_modules(src)
         kdata = _read(src.kallsyms, max_bytes=src.max_read)
         m2 = _read_modules(src)
+        after = consistency.read_signals(src.seqnum, src.bpf_ids, ksyms=src.bpf_ids)
+        why = consistency.moved(before, after)
         if m1 != m2:
             why = f"{src.modules} changed while {src.kallsyms} was read"
+        if why:
             continue
         digest = _digest(kdata, m1)
         if previous is not None and previous.digest == digest:
@@ -163,8 +175,10 @@ def take_snapshot(src: Sources,
         table = parse_kallsyms(kdata, src.kallsyms, lenient=src.lenient)
         mods = None if m1 is None else parse_modules(m1, src.modules or "")
         warnings = _cross_check(table, mods, src)
-        if warnings and src.strict_modules:
-            why = warnings[0]
+        if src.strict_modules:
+            why = ((warnings[0] if warnings else "") or consistency.shape_problem(table)
+                   or consistency.bpf_lines_problem(table, after.bpf_ksyms))
+        if why:
             continue
         bases = {}
         if src.sections and mods:
@@ -172,7 +186,7 @@ def take_snapshot(src: Sources,
         del kdata  # only the parsed table is kept
         notes, nwarn = read_notes(src.notes, src.sections, [m.name for m in mods or []],
                                   strict=src.notes_strict)
-        return Snapshot(table, mods, bases, warnings + nwarn, digest, notes)
+        return Snapshot(table, mods, bases, warnings + nwarn, digest, notes, tries)
     raise SnapshotError(f"no consistent snapshot after {SNAPSHOT_TRIES} tries: {why}")
 
 

@@ -1,0 +1,338 @@
+"""Real churn in the guest (dummy.ko load/unload, eBPF load/close) while images are taken;
+every served image is classified against the quiet kernel's lines."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import multiprocessing as mp
+import os
+import random
+import time
+from collections import Counter
+
+from ksymsfs import SnapshotError
+from ksymsfs.sources import Sources, take_snapshot
+from tests.vm import kernel_ops as ko
+
+TARGET = {"ci": 60, "long": 260, "short": 260, "none": 0}   # served images per churn kind
+TIME_LIMIT = {"ci": 150.0, "long": 1100.0, "short": 540.0, "none": 0.0}
+MOUNT_EVERY = {"ci": 2, "long": 3, "short": 3, "none": 1}
+OLD_RULE_SAMPLES = {"ci": 10, "long": 60, "short": 30, "none": 0}
+PAUSE_S = 1.2   # churners pause 0..PAUSE_S between changes (kallsyms takes ~0.5 s to read)
+BPF_CHURN_PREFIX = "kc"
+
+
+def quiet_lines() -> list[str]:
+    """/proc/kallsyms of a quiet kernel (two equal reads)."""
+    while True:
+        a = open("/proc/kallsyms", errors="surrogateescape").read()
+        if open("/proc/kallsyms", errors="surrogateescape").read() == a:
+            return a.splitlines()
+
+
+def table_lines(snap) -> list[str]:
+    t = snap.table
+    mods = t.modules
+    out = []
+    for i, (a, c, m) in enumerate(zip(t.addr.tolist(), t.letter.tolist(), t.module.tolist())):
+        line = f"{a:016x} {chr(c)} {t.name(i)}"
+        out.append(f"{line}\t[{mods[m]}]" if m else line)
+    return out
+
+
+def take(path: str, use_mount: bool):
+    """One served image -> (digest, lines(), module names or None); raises on ENXIO.
+
+    Same bytes, same lines: classifiers cache their verdict by the digest, so only
+    images not seen before are expanded to lines (slow under TCG).
+    """
+    if use_mount:
+        from ksymsfs.reader import dump_lines, parse_image
+        with open(path, "rb") as f:
+            data = f.read()
+        return (hashlib.sha256(data).digest(), lambda: list(dump_lines(parse_image(data))),
+                None)
+    snap = take_snapshot(Sources.live())
+    return snap.digest, lambda: table_lines(snap), [m.name for m in snap.modules or []]
+
+
+def sample(path: str, mode: str, classify) -> dict:
+    """Take images until TARGET[mode] were served (or TIME_LIMIT[mode] s); classify each:
+    every MOUNT_EVERY-th through the mount, the others with take_snapshot directly."""
+    n, limit = TARGET[mode], TIME_LIMIT[mode]
+    res = {"served": 0, "enxio": 0, "mixed": 0, "via_mount": 0, "latency_s": [],
+           "mixed_detail": []}
+    end = time.monotonic() + limit
+    k = 0
+    while res["served"] < n and time.monotonic() < end:
+        k += 1
+        use_mount = k % MOUNT_EVERY[mode] == 0
+        t0 = time.monotonic()
+        try:
+            digest, lines, mods = take(path, use_mount)
+        except SnapshotError:
+            res["enxio"] += 1
+            continue
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            res["enxio"] += 1
+            continue
+        t1 = time.monotonic()
+        res["served"] += 1
+        res["via_mount"] += use_mount
+        res["latency_s"].append(round(t1 - t0, 3))
+        why = classify(digest, lines, mods, t0, t1)
+        if why:
+            res["mixed"] += 1
+            res["mixed_detail"].append({"via_mount": use_mount, "why": why})
+    lat = sorted(res["latency_s"])
+    res["attempts"] = res["served"] + res["enxio"]
+    res["enxio_rate"] = round(res["enxio"] / max(1, res["attempts"]), 3)
+    if lat:
+        res["latency_median_s"] = lat[len(lat) // 2]
+        res["latency_p90_s"] = lat[int(len(lat) * 0.9)]
+        res["latency_max_s"] = lat[-1]
+    del res["latency_s"]
+    return res
+
+
+def old_rule(n: int, classify) -> dict:
+    """The rule before: modules, kallsyms, modules; accept if the two lists are equal."""
+    from ksymsfs.kallsyms import parse_kallsyms
+    from ksymsfs.sources import Snapshot, parse_modules
+    out = {"accepted": 0, "rejected": 0, "mixed": 0}
+    for _ in range(n):
+        m1 = open("/proc/modules", "rb").read()
+        data = open("/proc/kallsyms", "rb").read()
+        if open("/proc/modules", "rb").read() != m1:
+            out["rejected"] += 1
+            continue
+        out["accepted"] += 1
+        snap = Snapshot(parse_kallsyms(data), parse_modules(m1))
+        digest = hashlib.sha256(data + m1).digest()
+        out["mixed"] += bool(classify(digest, lambda s=snap: table_lines(s),
+                                      [m.name for m in snap.modules], 0, 0))
+    return out
+
+
+# --- module churn -------------------------------------------------------------------------
+
+def _module_churner(ko_path: str, stop, counts) -> None:
+    """Unload + reload at once (the ABA case), a failing load now and then, then a pause."""
+    rnd = random.Random(1)
+    while not stop.is_set():
+        try:
+            ko.module_unload("dummy")
+            counts["unload"] = counts.get("unload", 0) + 1
+        except OSError:
+            pass
+        if rnd.random() < 0.25:
+            try:   # fails in parse_args, after the module became visible (COMING)
+                ko.module_load(ko_path, "numdummies=bad")
+            except OSError as e:
+                k = f"failed_load_{errno.errorcode.get(e.errno, e.errno)}"
+                counts[k] = counts.get(k, 0) + 1
+        try:
+            ko.module_load(ko_path)
+            counts["load"] = counts.get("load", 0) + 1
+        except OSError:
+            pass
+        time.sleep(rnd.uniform(0, PAUSE_S))
+
+
+def _init_names(ko_path: str) -> set[str]:
+    from elftools.elf.elffile import ELFFile
+    with open(ko_path, "rb") as f:
+        elf = ELFFile(f)
+        names = [s.name for s in elf.iter_sections()]
+        out = set()
+        for sym in elf.get_section_by_name(".symtab").iter_symbols():
+            shn = sym["st_shndx"]
+            if isinstance(shn, int) and shn < len(names) and names[shn].startswith(".init"):
+                out.add(sym.name)
+        return out
+
+
+def module_states(modroot: str):
+    """Quiet kallsyms without dummy, and dummy's own lines relative to its load address."""
+    path = ko.module_path(modroot, "dummy")
+    # a fresh instance: one loaded while a tracer ran keeps ftrace's freed-init line
+    ko.modprobe(modroot, "-r", "dummy")
+    ko.modprobe(modroot, "dummy")
+    lines = quiet_lines()
+    base_addr = next(int(ln.split()[5], 16) for ln in open("/proc/modules")
+                     if ln.split()[0] == "dummy")
+    rel = Counter()
+    for ln in lines:
+        if ln.endswith("\t[dummy]"):
+            a, c, n = ln.split("\t")[0].split(" ", 2)
+            rel[(int(a, 16) - base_addr, c, n)] += 1
+    ko.modprobe(modroot, "-r", "dummy")
+    return path, Counter(quiet_lines()), rel, _init_names(path)
+
+
+def module_classifier(base: Counter, rel: Counter, init: set[str]):
+    seen: dict[bytes, str] = {}
+
+    def classify(digest, lines, mods, t0, t1) -> str:
+        if digest not in seen:
+            seen[digest] = verdict(lines(), mods)
+        return seen[digest]
+
+    def verdict(lines, mods) -> str:
+        dl = [ln for ln in lines if ln.endswith("\t[dummy]")]
+        rest = Counter(ln for ln in lines if not ln.endswith("\t[dummy]"))
+        if rest != base:
+            bad = (base - rest) + (rest - base)
+            return f"{sum(bad.values())} lines of other modules differ: {list(bad)[:3]}"
+        if mods is not None and bool(dl) != ("dummy" in mods):
+            return f"dummy lines: {len(dl)}, dummy in /proc/modules: {'dummy' in mods}"
+        if not dl:
+            return ""
+        got = Counter()
+        for ln in dl:
+            a, c, n = ln.split("\t")[0].split(" ", 2)
+            got[(int(a, 16), c, n)] += 1
+        core = [(a, c, n) for (a, c, n) in got if n not in init]
+        anchor = next(iter(rel))
+        cands = [a - anchor[0] for (a, c, n) in core if (c, n) == anchor[1:]]
+        for b in cands:
+            shifted = Counter({(a - b, c, n): k for (a, c, n), k in got.items()
+                               if n not in init})
+            extra = sum(k for (a, c, n), k in got.items() if n in init)
+            if shifted == rel and extra <= len(init):
+                return ""
+        return f"dummy's {len(dl)} lines are not one instance's ({sum(rel.values())})"
+    return classify
+
+
+def module_churn(report, path: str, modroot: str, mode: str) -> None:
+    ko_path, base, rel, init = module_states(modroot)
+    stop = mp.Event()
+    counts = mp.Manager().dict({"load": 0, "unload": 0})
+    child = mp.Process(target=_module_churner, args=(ko_path, stop, counts))
+    child.start()
+    t = time.monotonic()
+    classify = module_classifier(base, rel, init)
+    try:
+        res = sample(path, mode, classify)
+        res["old_rule"] = old_rule(OLD_RULE_SAMPLES[mode], classify)
+    finally:
+        stop.set()
+        child.join(30)
+    res["seconds"] = round(time.monotonic() - t, 1)
+    res["churner"] = dict(counts)
+    report.figure("churn_modules", res)
+    report.check("churn_modules_no_mixed_image", res["mixed"] == 0, res)
+    report.check("churn_modules_enough_images", res["served"] >= TARGET[mode],
+            {k: res[k] for k in ("served", "enxio", "seconds")})
+    ko.modprobe(modroot, "-r", "dummy")
+
+
+# --- eBPF churn ---------------------------------------------------------------------------
+
+def _bpf_churner(stop, log_path: str) -> None:
+    """Keep ~4 programs, each named uniquely; close a random one (removals mid-list)."""
+    rnd = random.Random(2)
+    pool: list[tuple[str, int]] = []
+    with open(log_path, "w", buffering=1) as log:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            name = f"{BPF_CHURN_PREFIX}{i}"
+            a = time.monotonic()
+            fd = ko.bpf_load_trivial(name)
+            log.write(f"load {name} {a} {time.monotonic()}\n")
+            pool.append((name, fd))
+            if len(pool) > 4:
+                name, fd = pool.pop(rnd.randrange(len(pool) - 1))
+                a = time.monotonic()
+                os.close(fd)
+                log.write(f"close {name} {a} {time.monotonic()}\n")
+            time.sleep(rnd.uniform(0, PAUSE_S))
+        for name, fd in pool:
+            a = time.monotonic()
+            os.close(fd)
+            log.write(f"close {name} {a} {time.monotonic()}\n")
+
+
+def _bpf_name(line: str) -> str | None:
+    if not line.endswith("\t[bpf]"):
+        return None
+    sym = line.split(" ", 2)[2].split("\t")[0]
+    tail = sym.rsplit("_", 1)[-1]
+    return tail if tail.startswith(BPF_CHURN_PREFIX) and tail[2:].isdigit() else None
+
+
+def bpf_classifier(base: Counter, log_path: str):
+    """Clean iff the churn programs in the image are those alive at one instant in [t0, t1]."""
+    def life() -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for ln in open(log_path):
+            ev, name, a, b = ln.split()
+            span = out.setdefault(name, [0.0, 0.0, float("inf"), float("inf")])
+            if ev == "load":
+                span[0], span[1] = float(a), float(b)
+            else:
+                span[2], span[3] = float(a), float(b)
+        return out
+
+    seen: dict[bytes, tuple[str, list[str]]] = {}
+
+    def content(lines) -> tuple[str, list[str]]:
+        churn = [n for n in map(_bpf_name, lines) if n]
+        rest = Counter(ln for ln in lines if not _bpf_name(ln))
+        if rest != base:
+            bad = (base - rest) + (rest - base)
+            return f"{sum(bad.values())} non-churn lines differ: {list(bad)[:3]}", churn
+        if len(set(churn)) != len(churn):
+            return f"a churn program is listed twice: {sorted(churn)}", churn
+        return "", churn
+
+    def classify(digest, lines, mods, t0, t1) -> str:
+        if digest not in seen:
+            seen[digest] = content(lines())
+        why, churn = seen[digest]
+        if why:
+            return why
+        spans = life()
+        times = sorted({t0, t1, *(x for s in spans.values() for x in s if t0 <= x <= t1)})
+        probes = times + [(a + b) / 2 for a, b in zip(times, times[1:])]
+        have = set(churn)
+        for t in probes:
+            maybe = {n for n, s in spans.items() if s[0] <= t <= s[3]}
+            sure = {n for n, s in spans.items() if s[1] <= t <= s[2]}
+            if have <= maybe and sure <= have:
+                return ""
+        return f"programs {sorted(have)} were never alive together in [{t0:.3f}, {t1:.3f}]"
+    return classify
+
+
+def bpf_churn(report, path: str, mode: str) -> None:
+    base = Counter(quiet_lines())
+    log_path = "/tmp/bpf_churn.log"
+    open(log_path, "w").close()
+    stop = mp.Event()
+    child = mp.Process(target=_bpf_churner, args=(stop, log_path))
+    child.start()
+    t = time.monotonic()
+    try:
+        res = sample(path, mode, bpf_classifier(base, log_path))
+    finally:
+        stop.set()
+        child.join(30)
+    res["seconds"] = round(time.monotonic() - t, 1)
+    res["programs_loaded"] = sum(1 for ln in open(log_path) if ln.startswith("load"))
+    report.figure("churn_bpf", res)
+    report.check("churn_bpf_no_mixed_image", res["mixed"] == 0, res)
+    report.check("churn_bpf_enough_images", res["served"] >= TARGET[mode],
+            {k: res[k] for k in ("served", "enxio", "seconds")})
+
+
+def run_all(report, path: str, modroot: str, mode: str, step) -> None:
+    if not TARGET.get(mode):
+        return
+    step("churn_modules_no_mixed_image")(module_churn)(report, path, modroot, mode)
+    step("churn_bpf_no_mixed_image")(bpf_churn)(report, path, mode)
