@@ -16,8 +16,8 @@ from ksymsfs.sources import Sources, take_snapshot
 from tests.vm import kernel_ops as ko
 
 TARGET = {"ci": 60, "long": 260, "short": 260, "none": 0}   # served images per churn kind
-TIME_LIMIT = {"ci": 150.0, "long": 1100.0, "short": 540.0, "none": 0.0}
-MOUNT_EVERY = {"ci": 2, "long": 3, "short": 3, "none": 1}
+TIME_LIMIT = {"ci": 240.0, "long": 1100.0, "short": 540.0, "none": 0.0}
+MOUNT_EVERY = {"ci": 3, "long": 3, "short": 3, "none": 1}
 OLD_RULE_SAMPLES = {"ci": 10, "long": 60, "short": 30, "none": 0}
 PAUSE_S = 1.2   # churners pause 0..PAUSE_S between changes (kallsyms takes ~0.5 s to read)
 BPF_CHURN_PREFIX = "kc"

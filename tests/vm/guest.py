@@ -155,6 +155,10 @@ def sections_check(img: str) -> None:
         sysfs = Path("/sys/module", mod, "sections")
         real = set(os.listdir(sysfs)) if sysfs.is_dir() else set()
         total += len(real)
+        # a second run of symbols inside one real section is named "<section>.N" (section
+        # names are kept unique: layout.unique_names)
+        secs = {re.sub(r"\.\d+$", "", x) if re.sub(r"\.\d+$", "", x) in real else x
+                for x in secs}
         named += len(secs & real)
         if real and secs - real:
             unknown[mod] = sorted(secs - real)
