@@ -72,7 +72,20 @@ make_root() {  # $ROOT: unpacked root, the host's network environment, FUSE-capa
 }
 
 in_root() {  # a command in the root with a clean environment (no PATH tricks, no PYTHONPATH)
-    chroot "$ROOT" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb CI=true \
+    # Not chroot(2): the kernel refuses unshare(CLONE_NEWUSER) to a chrooted process, and
+    # the user-namespace tests need it. A private mount namespace whose root *is* the
+    # bare root (pivot_root) is what a real machine looks like. Mounts made inside (the
+    # FUSE device) end with the command: each call must unmount what it mounted.
+    unshare --mount --propagation private -- /bin/sh -ec '
+        root=$1; shift
+        mount --rbind "$root" "$root"
+        cd "$root"
+        mkdir -p .oldroot
+        pivot_root . .oldroot
+        cd /
+        umount -l /.oldroot
+        rmdir /.oldroot
+        exec "$@"' sh "$ROOT" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb CI=true \
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"
 }
 
@@ -100,8 +113,8 @@ layout_roundtrip() {  # install + uninstall of the real paths leaves them as the
 for SUITE in "$@"; do
     t0=$SECONDS
     make_root
-    timed "./setup.sh run" in_root sh -c 'cd /root/ksymsfs && ./setup.sh run'
-    in_root sh -c 'cd /root/ksymsfs && /usr/local/sbin/ksymsfs umount /dev/ksyms'
+    timed "./setup.sh run" in_root sh -c \
+        'cd /root/ksymsfs && ./setup.sh run && /usr/local/sbin/ksymsfs umount /dev/ksyms'
     timed "./setup.sh test" in_root sh -c 'cd /root/ksymsfs && ./setup.sh test'
     "$REPO/scripts/check-junit.py" "$ROOT/root/ksymsfs/build/junit.xml"
     timed "make install + uninstall round trip" layout_roundtrip

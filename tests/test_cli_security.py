@@ -115,7 +115,10 @@ def _isolated_python(tmp_path: Path) -> str:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
                     str(venv)], check=True, capture_output=True)
     (site,) = venv.glob("lib/python*/site-packages")
-    (site / "000-ksymsfs-worktree.pth").write_text(f"{REPO}\n")
+    # this worktree, and the running interpreter's own site-packages (numpy, fusepy...):
+    # when it is itself a venv (build/venv), --system-site-packages only reaches its base
+    deps = [p for p in sys.path if p.endswith("-packages") and os.path.isdir(p)]
+    (site / "000-ksymsfs-worktree.pth").write_text("".join(f"{d}\n" for d in [REPO, *deps]))
     return str(venv / "bin" / "python")
 
 
