@@ -545,16 +545,18 @@ def test_source_over_the_read_cap_gives_enxio(tmp_path):
         m.stop()
 
 
-def _holder(path: Path) -> tuple[int, int]:
-    """A child holding the device open until told: (pid, pipe to tell it)."""
+def _holder(path: Path, nobody: bool = False) -> tuple[int, int, int]:
+    """A forked child (as nobody if asked) holding the device open until told:
+    (pid, pipe to tell it, its open's errno)."""
     r, w = os.pipe()
     rr, ww = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(w)
         os.close(rr)
-        err = _open_errno_keep(path)
-        os.write(ww, bytes([err]))
+        if nobody:
+            become_nobody()
+        os.write(ww, bytes([_open_errno_keep(path)]))
         os.read(r, 1)
         os._exit(0)
     os.close(r)
@@ -607,21 +609,7 @@ def test_memory_budget_answers_enomem_and_shared_images_count_once(tmp_path):
 # -- lockout: as small as one page cache allows -------------------------------------------
 def _nobody_holder(path: Path) -> tuple[int, int, int]:
     """A forked nobody holding the device open until told: (pid, pipe, open errno)."""
-    r, w = os.pipe()
-    rr, ww = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(w)
-        os.close(rr)
-        become_nobody()
-        os.write(ww, bytes([_open_errno_keep(path)]))
-        os.read(r, 1)
-        os._exit(0)
-    os.close(r)
-    os.close(ww)
-    err = os.read(rr, 1)[0]
-    os.close(rr)
-    return pid, w, err
+    return _holder(path, nobody=True)
 
 
 def test_privileged_open_waits_out_a_brief_unprivileged_holder(public_dir):
