@@ -10,7 +10,7 @@ import sys
 
 from . import __version__
 from .errors import ConfigError, KsymsError, SourceError
-from .options import ELFCLASS_OF, positive_int, sources_from_args
+from .options import ELFCLASS_OF, REOPEN_MODES, positive_int, sources_from_args
 
 log = logging.getLogger("ksymsfs")
 COMMANDS = ("snapshot", "nlist", "lookup", "dump", "symbolize", "mount", "umount")
@@ -100,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--max-pending", type=_positive_int, default=32, metavar="N",
                    help="opens being served at once; more fail at once with EAGAIN "
                         "(default 32)")
+    m.add_argument("--reopen", choices=REOPEN_MODES, default="share",
+                   help="a second open by a process that holds the device: 'share' its "
+                        "snapshot (default; gdb and nm open files twice) or 'busy' "
+                        "(EBUSY, as FreeBSD)")
     m.add_argument("--sysctl-dir", default="/proc/sys/kernel", metavar="DIR",
                    help="where kptr_restrict and perf_event_paranoid are read (tests)")
     m.add_argument("--force", action="store_true",

@@ -1,8 +1,10 @@
 """The ksyms device without FUSE: per-process opens, fresh snapshots, address policy, ioctls.
 
-FreeBSD semantics: every open takes its own snapshot; one open per process (thread
-group) at a time, else EBUSY; ENXIO when no consistent snapshot can be taken; ENOMEM
-on resource shortage (more than ``max_open`` snapshots, or ``max_memory`` bytes of them).
+FreeBSD semantics: every open takes its own snapshot; one snapshot per process (thread
+group) at a time; ENXIO when no consistent snapshot can be taken; ENOMEM on resource
+shortage (more than ``max_open`` snapshots, or ``max_memory`` bytes of them). A second open
+by a process that holds one gets that same snapshot (``reopen="share"``, the default: gdb
+and nm open their file more than once) or EBUSY as on FreeBSD (``reopen="busy"``).
 
 Size: every stat, fstat, KIOCGSIZE and read agree on one *served size*: the largest
 snapshot open (or the latest built), rounded up to SIZE_BUCKET, which never shrinks while
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 from . import KIOCGADDR, KIOCGSIZE
 from .errors import ConfigError, KsymsError
+from .options import REOPEN_MODES
 from .policy import (
     ProcessCreds,
     kallsyms_show_value,
@@ -122,7 +125,10 @@ class Device:
                  elfclass: int | None = None, endian: str | None = None,
                  procfs: str = "/proc", sysctl_dir: str | None = None,
                  max_open: int = 64, max_memory: int = 1 << 30, max_pending: int = 32,
-                 open_wait: float = OPEN_WAIT):
+                 open_wait: float = OPEN_WAIT, reopen: str = "share"):
+        if reopen not in REOPEN_MODES:
+            raise ConfigError(f"--reopen must be one of {', '.join(REOPEN_MODES)}")
+        self.reopen = reopen
         for name, val in (("max-open", max_open), ("max-memory", max_memory),
                           ("max-pending", max_pending), ("max-read", sources.max_read)):
             if val <= 0:
@@ -138,7 +144,7 @@ class Device:
         self._cond = threading.Condition(self._lock)  # signalled at every RELEASE
         self._build_lock = threading.Lock()  # one build per (snapshot, policy), not one per opener
         self._handles: dict[int, Handle] = {}
-        self._by_tgid: dict[int, int] = {}
+        self._by_tgid: dict[int, list[int]] = {}  # a process's handles (shared opens)
         self._next_fh = 1
         self._pending = 0          # opens in progress (FUSE worker threads busy in open)
         self._priv_waiting = 0     # privileged opens waiting for unprivileged ones to go
@@ -241,7 +247,9 @@ class Device:
                                   "progress (--max-pending)")
             self._pending += 1
         try:
-            fh = self._admit(creds.tgid, show)
+            fh, shared = self._admit(creds.tgid, show)
+            if shared:
+                return fh
             try:
                 image = self.snapshot(show)
             except BaseException:
@@ -255,11 +263,19 @@ class Device:
             with self._lock:
                 self._pending -= 1
 
+    def _held_by(self, tgid: int, show: bool) -> Handle | None:
+        """The process's open (not closed) handle whose snapshot a second open may share."""
+        for fh in self._by_tgid.get(tgid, ()):
+            h = self._handles[fh]
+            if not h.flushed and h.show_addresses == show and h.image:
+                return h
+        return None
+
     def _refusal(self, tgid: int, show: bool) -> tuple[int, str, bool] | None:
         """Why ``tgid`` may not open now: (errno, reason, worth waiting for a RELEASE)."""
-        fh = self._by_tgid.get(tgid)
-        if fh is not None:
-            if not self._handles[fh].flushed:
+        fhs = self._by_tgid.get(tgid)
+        if fhs:
+            if any(not self._handles[fh].flushed for fh in fhs):
                 return errno.EBUSY, f"process {tgid} already has it open", False
             return (errno.EBUSY, f"process {tgid} still holds its previous open "
                     "(a duplicated or passed descriptor, a child, or a mapping)", True)
@@ -274,10 +290,22 @@ class Device:
             return errno.ENOMEM, f"{self.max_open} snapshots already open (--max-open)", False
         return None
 
-    def _admit(self, tgid: int, show: bool) -> int:
-        """Reserve the process's slot, waiting up to ``open_wait`` for RELEASEs."""
+    def _new_handle(self, tgid: int, image: bytes, show: bool) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._by_tgid.setdefault(tgid, []).append(fh)  # a racing thread of ours: EBUSY
+        self._handles[fh] = Handle(tgid, image, show)
+        return fh
+
+    def _admit(self, tgid: int, show: bool) -> tuple[int, bool]:
+        """Reserve the process's slot, waiting up to ``open_wait`` for RELEASEs; or, for a
+        process that holds a snapshot (``reopen="share"``), a handle on that one:
+        (fh, shared)."""
         deadline = time.monotonic() + self.open_wait
         with self._cond:
+            held = self._held_by(tgid, show) if self.reopen == "share" else None
+            if held is not None:  # same bytes, no new read, no new memory
+                return self._new_handle(tgid, held.image, show), True
             queued = False
             try:
                 while (why := self._refusal(tgid, show)) is not None:
@@ -291,11 +319,7 @@ class Device:
             finally:
                 if queued:
                     self._priv_waiting -= 1
-            fh = self._next_fh
-            self._next_fh += 1
-            self._by_tgid[tgid] = fh  # reserve: a racing thread of ours gets EBUSY
-            self._handles[fh] = Handle(tgid, b"", show)
-            return fh
+            return self._new_handle(tgid, b"", show), False
 
     def image_of(self, fh: int) -> bytes:
         """The open's snapshot itself (no copy), for the adapter's zero-copy read."""
@@ -333,8 +357,11 @@ class Device:
     def release(self, fh: int) -> None:
         with self._cond:
             h = self._handles.pop(fh, None)
-            if h is not None and self._by_tgid.get(h.tgid) == fh:
-                del self._by_tgid[h.tgid]
+            fhs = self._by_tgid.get(h.tgid, []) if h is not None else []
+            if fh in fhs:
+                fhs.remove(fh)
+                if not fhs:
+                    del self._by_tgid[h.tgid]
             idle = not self._handles
             if idle:  # nothing open or mapped: the served size may shrink
                 self._served = served_round(self.latest_size)

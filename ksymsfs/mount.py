@@ -25,7 +25,7 @@ from .mountpoint import (
     mounted_fstype,
     remove_created,
 )
-from .options import ELFCLASS_OF, positive_int, sources_from_args
+from .options import ELFCLASS_OF, REOPEN_MODES, positive_int, sources_from_args
 
 log = logging.getLogger("ksymsfs")
 IGNORED_OPTIONS = {"ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto",
@@ -46,6 +46,10 @@ def apply_options(a: argparse.Namespace, opts: str | None) -> None:
             setattr(a, key, val)
         elif key == "max_open":
             a.max_open = positive_int("mount option max_open", val)
+        elif key == "reopen":
+            if val not in REOPEN_MODES:
+                raise ConfigError(f"mount option reopen= takes {' or '.join(REOPEN_MODES)}")
+            a.reopen = val
         elif key in ("allow_other", "debug", "foreground") and not val:
             setattr(a, key, True)
         else:
@@ -136,7 +140,8 @@ def _absolute_paths(a: argparse.Namespace) -> None:
 def _make_device(a: argparse.Namespace) -> Device:
     return Device(sources_from_args(a), arch=a.arch, elfclass=ELFCLASS_OF[a.elfclass],
                   endian=a.endian, max_open=a.max_open, sysctl_dir=a.sysctl_dir,
-                  max_memory=a.max_memory << 20, max_pending=a.max_pending)
+                  max_memory=a.max_memory << 20, max_pending=a.max_pending,
+                  reopen=a.reopen)
 
 
 def run_mount(a: argparse.Namespace) -> int:

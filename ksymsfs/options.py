@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # imported where used: the CLI starts without numpy
     from .sources import Sources
 
 ELFCLASS_OF = {None: None, "32": ELFCLASS32, "64": ELFCLASS64}  # --class -> EI_CLASS
+REOPEN_MODES = ("share", "busy")  # a process's second open: its held snapshot, or EBUSY
 
 
 def sources_from_args(a: argparse.Namespace) -> Sources:

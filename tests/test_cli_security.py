@@ -332,7 +332,8 @@ def test_daemon_closes_inherited_fds_chdirs_to_root_and_logs_to_syslog(tmp_path,
 
 @pytest.mark.parametrize("opt", [["--max-open", "0"], ["--max-open", "-5"],
                                  ["--max-open", "x"], ["-o", "max_open=abc"],
-                                 ["-o", "max_open=0"], ["-o", "kallsyms="], ["-o", "bogus"]])
+                                 ["-o", "max_open=0"], ["-o", "kallsyms="], ["-o", "bogus"],
+                                 ["-o", "reopen=maybe"]])
 def test_bad_mount_options_are_one_line_exit_2(tmp_path, src, opt):
     mp_ = tmp_path / "ksyms"
     r = _ks(tmp_path, ["mount", "-f", *src, *opt, mp_])

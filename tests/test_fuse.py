@@ -92,28 +92,73 @@ def test_package_nlist_on_mount(live_mount):
 
 
 # -- FreeBSD open semantics ------------------------------------------------------------------
-def test_second_open_same_process_is_ebusy(captured):
-    m, _ = captured
+def _ebusy_from_this_process_and_thread(path) -> None:
+    with pytest.raises(OSError) as e:
+        os.open(path, os.O_RDONLY)
+    assert e.value.errno == errno.EBUSY
+    box = []
+
+    def other_thread():
+        try:
+            os.close(os.open(path, os.O_RDONLY))
+            box.append("opened")
+        except OSError as err:
+            box.append(err.errno)
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
+    assert box == [errno.EBUSY]
+
+
+def test_second_open_same_process_is_ebusy_with_reopen_busy(tmp_path):
+    """FreeBSD's rule exactly (``-o reopen=busy``, or ``--reopen busy``): a second open by
+    the same process, from any thread, is EBUSY until it closes."""
+    ks, mods = write_sources(tmp_path / "src", ["alpha", "beta"])
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods),
+              "-o", "reopen=busy")
+    try:
+        fd = os.open(m.path, os.O_RDONLY)
+        try:
+            _ebusy_from_this_process_and_thread(m.path)
+        finally:
+            os.close(fd)
+        os.close(os.open(m.path, os.O_RDONLY))  # after close: fine again
+    finally:
+        m.stop()
+
+
+def _fd_bytes(fd: int) -> bytes:
+    return os.pread(fd, os.fstat(fd).st_size, 0)
+
+
+def test_second_open_same_process_shares_its_snapshot(captured):
+    """Default (``--reopen share``): a process that holds the device and opens it again (gdb
+    16 does: open, fstat, find it in its BFD cache, close) gets the snapshot it holds, even
+    after the kernel changed, from any thread; once all are closed, the next open is fresh."""
+    m, src = captured
     fd = os.open(m.path, os.O_RDONLY)
     try:
-        with pytest.raises(OSError) as e:
-            os.open(m.path, os.O_RDONLY)
-        assert e.value.errno == errno.EBUSY
+        first = _fd_bytes(fd)
+        write_sources(src, ["alpha", "beta", "gamma"])  # the kernel moves on
+        fd2 = os.open(m.path, os.O_RDONLY)
         box = []
-
-        def other_thread():
-            try:
-                os.close(os.open(m.path, os.O_RDONLY))
-                box.append("opened")
-            except OSError as err:
-                box.append(err.errno)
-        t = threading.Thread(target=other_thread)
+        t = threading.Thread(target=lambda: box.append(read_all(m.path)))
         t.start()
         t.join()
-        assert box == [errno.EBUSY]
+        try:
+            assert _fd_bytes(fd2) == first and box == [first]
+            assert os.fstat(fd2).st_size == os.fstat(fd).st_size
+            size = struct.unpack("=Q", fcntl.ioctl(fd2, KIOCGSIZE, bytes(8)))[0]
+            assert size == os.fstat(fd).st_size
+        finally:
+            os.close(fd2)
+        assert _fd_bytes(fd) == first  # closing the second kept the first
+        assert "gamma" not in parse_image(first).modules
     finally:
         os.close(fd)
-    os.close(os.open(m.path, os.O_RDONLY))  # after close: fine again
+    fresh = read_all(m.path)
+    assert fresh != first
+    assert "gamma" in parse_image(fresh).modules
 
 
 def _child_reads(path, barrier, q):

@@ -92,7 +92,7 @@ def test_device_zeroes_addresses_by_policy(tmp_path, kptr, paranoid, capeff, rea
     ks.write_text(KS)
     proc = tmp_path / "proc"
     fake_proc(proc, 11, 10, 1000, capeff, kptr, paranoid)
-    dev = Device(Sources(str(ks), None), procfs=str(proc))
+    dev = Device(Sources(str(ks), None), procfs=str(proc), reopen="busy")
     fh = dev.open(11, os.O_RDONLY)
     img = parse_image(dev.read(fh, 1 << 24, 0))
     assert bool(np.any(img.syms["st_value"])) is real
@@ -102,6 +102,33 @@ def test_device_zeroes_addresses_by_policy(tmp_path, kptr, paranoid, capeff, rea
         dev.open(12, os.O_RDONLY)
     assert e.value.errno == errno.EBUSY
     dev.release(fh)
+    assert dev.open_count() == 0
+
+
+def test_reopen_shares_only_a_snapshot_with_the_same_address_rights(tmp_path):
+    """A second open by a process that holds one shares its bytes (no new read) unless the
+    process's rights changed since (it dropped CAP_SYSLOG): then EBUSY, never its old
+    addresses; after the last release the next open is fresh again."""
+    ks = tmp_path / "kallsyms"
+    ks.write_text(KS)
+    proc = tmp_path / "proc"
+    fake_proc(proc, 11, 10, 0, 1 << 34)
+    dev = Device(Sources(str(ks), None), procfs=str(proc))
+    a = dev.open(11, os.O_RDONLY)
+    ks.write_text(KS + "ffffffff82000000 T late\n")  # the kernel moved on
+    fake_proc(proc, 12, 10, 0, 1 << 34)
+    b = dev.open(12, os.O_RDONLY)
+    assert dev.image_of(b) is dev.image_of(a)
+    fake_proc(proc, 13, 10, 1000, 0)  # a thread that dropped its privileges
+    with pytest.raises(DeviceError) as e:
+        dev.open(13, os.O_RDONLY)
+    assert e.value.errno == errno.EBUSY
+    dev.release(a)
+    assert len(parse_image(dev.read(b, 1 << 24, 0))) == 100  # b keeps the shared bytes
+    dev.release(b)
+    c = dev.open(11, os.O_RDONLY)
+    assert len(parse_image(dev.read(c, 1 << 24, 0))) == 101
+    dev.release(c)
     assert dev.open_count() == 0
 
 

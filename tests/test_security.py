@@ -721,7 +721,8 @@ def test_refused_opens_are_logged_without_addresses(tmp_path):
     """A malformed kallsyms line carries an address; the log names pid, uid, errno and
     reason, and no hex run of 8+ digits appears anywhere in it."""
     ks, mods = write_sources(tmp_path / "src", ["alpha"])
-    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods),
+              "--reopen", "busy")
     try:
         fd = os.open(m.path, os.O_RDONLY)
         assert _open_errno(m.path) == errno.EBUSY
