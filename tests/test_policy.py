@@ -5,9 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import pwd
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -194,15 +192,6 @@ def test_default_mount_refuses_other_users(tmp_path):
         assert err == errno.EACCES
     finally:
         m.stop()
-
-
-@pytest.fixture
-def public_dir():
-    """A directory every user can traverse (pytest's tmp_path is root-only)."""
-    d = Path(tempfile.mkdtemp(prefix="ksymsfs-test-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.fuse

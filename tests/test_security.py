@@ -16,7 +16,6 @@ import signal
 import socket
 import struct
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -36,15 +35,6 @@ NOBODY = pwd.getpwnam("nobody")
 @pytest.fixture(autouse=True)
 def _need_fuse():
     require_fuse()
-
-
-@pytest.fixture
-def public_dir():
-    """A directory every user can traverse (pytest's tmp_path is root-only)."""
-    d = Path(tempfile.mkdtemp(prefix="ksymsfs-sec-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 # -- running a step list in a forked child -------------------------------------------------
