@@ -127,11 +127,13 @@ def _distinct(vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     binary search only for the values whose slot another one took)."""
     s = np.sort(vals)
     uniq = s[np.concatenate(([True], s[1:] != s[:-1]))] if len(s) else s
-    bits = max((8 * len(uniq)).bit_length(), 4)
+    if 4 * len(uniq) > len(vals):  # few repeats: a table would not pay
+        return uniq, np.searchsorted(uniq, vals)
+    bits = min(max((8 * len(uniq)).bit_length(), 4), 20)
     shift = np.uint64(64 - bits)
-    table = np.zeros(1 << bits, np.int64)
-    table[(uniq * _FIB) >> shift] = np.arange(len(uniq))
-    which = table[(vals * _FIB) >> shift]
+    table = np.zeros(1 << bits, np.int32)
+    table[(uniq * _FIB) >> shift] = np.arange(len(uniq), dtype=np.int32)
+    which = table[(vals * _FIB) >> shift].astype(np.int64)
     lost = np.flatnonzero(uniq[which] != vals)
     which[lost] = np.searchsorted(uniq, vals[lost])
     return uniq, which
@@ -147,11 +149,13 @@ class Symbolizer:
         self.rewritten = 0
         self._mods: dict[int, bytes] = {}
         self._nul = np.flatnonzero(img.strtab == 0)
-        self._cache: dict[int, bytes | None] = {}  # address -> its %pS text (None: none)
+        self._names: np.ndarray | None = None
+        self.forget()
 
     def forget(self) -> None:
         """Drop the addresses looked up so far (they are remembered across ``rewrite``)."""
-        self._cache.clear()
+        # sorted addresses, their %pS text (None: in no symbol), whether in a symbol
+        self._cache = (np.zeros(0, np.uint64), np.empty(0, object), np.zeros(0, bool))
 
     def candidates(self, data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(start, end, value) of every whole word that is W hex digits, or 0x and W."""
@@ -161,36 +165,51 @@ class Symbolizer:
         vals = np.frombuffer(bytes.fromhex(digits.decode("ascii")), f">u{w // 2}")
         return start, end, vals.astype(np.uint64)
 
-    def _lookup(self, uniq: np.ndarray) -> list[bytes | None]:
-        """%pS text (or None) per distinct address, formatting only the new ones."""
-        cache = self._cache
-        keys = uniq.tolist()
-        got = [cache.get(k, False) for k in keys]
-        new = [i for i, g in enumerate(got) if g is False]
-        if new:
-            if len(cache) + len(new) > _CACHE_MAX:
-                cache.clear()
+    def _lookup(self, uniq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(%pS text or None, found?) per distinct sorted address; only the addresses not
+        seen before are looked up and formatted (the rest come from a sorted cache)."""
+        keys, texts, found = self._cache
+        pos = np.minimum(np.searchsorted(keys, uniq), max(len(keys) - 1, 0))
+        known = keys[pos] == uniq if len(keys) else np.zeros(len(uniq), bool)
+        out, has = np.empty(len(uniq), object), np.zeros(len(uniq), bool)
+        out[known], has[known] = texts[pos[known]], found[pos[known]]
+        new = np.flatnonzero(~known)
+        if len(new):
             nv = uniq[new]
             hit, off = locate(self.img, nv)
             hit[nv == 0] = -1  # 0 is a null pointer or a hidden address, never a symbol
-            found = np.flatnonzero(hit >= 0)
-            texts: list[bytes | None] = [None] * len(new)
-            for j, t in zip(found.tolist(), self._format(hit[found], off[found])):
-                texts[j] = t
-            for i, t in zip(new, texts):
-                got[i] = cache[keys[i]] = t
-        return got
+            ok = hit >= 0
+            nt = np.empty(len(new), object)
+            nt[np.flatnonzero(ok)] = self._format(hit[ok], off[ok])
+            out[new], has[new] = nt, ok
+            if len(keys) + len(new) > _CACHE_MAX:
+                self._cache = (nv, nt, ok)
+            else:
+                at = np.searchsorted(keys, nv)
+                self._cache = (np.insert(keys, at, nv), np.insert(texts, at, nt),
+                               np.insert(found, at, ok))
+        return out, has
 
     def _format(self, idx: np.ndarray, off: np.ndarray) -> list[bytes]:
-        """%pS text per symbol index and offset."""
+        """%pS text per symbol index and offset: one ``%`` formatting for all of them."""
         img = self.img
-        tab = img.data_strtab
+        if self._names is None:  # every name, by the number of its string in .strtab
+            self._names = np.array(img.data_strtab.split(b"\0"), object)
         noff = img.syms["st_name"][idx].astype(np.int64)
-        nend = self._nul[np.searchsorted(self._nul, noff)]
-        mods = [self._module(k) for k in img.modkey[idx].tolist()]
-        return [b"%s+0x%x/0x%x%s" % (tab[a:b], o, z, m) for a, b, o, z, m in zip(
-            noff.tolist(), nend.tolist(), off.tolist(),
-            img.syms["st_size"][idx].tolist(), mods)]
+        k = np.searchsorted(self._nul, noff)  # the NUL that ends each name
+        start = np.where(k > 0, self._nul[np.maximum(k - 1, 0)] + 1, 0)
+        whole = start == noff  # a name that is the tail of another one is sliced
+        keys, mk = np.unique(img.modkey[idx], return_inverse=True)
+        mods = np.array([self._module(int(m)) for m in keys] + [b""], object)
+        args = np.empty((len(idx), 4), object)
+        args[:, 0] = self._names[k]
+        for j in np.flatnonzero(~whole).tolist():
+            args[j, 0] = img.data_strtab[noff[j]:self._nul[k[j]]]
+        args[:, 1] = off.tolist()
+        args[:, 2] = img.syms["st_size"][idx].tolist()
+        args[:, 3] = mods[mk.reshape(-1)]
+        text = b"%s+0x%x/0x%x%s\0" * len(idx) % tuple(args.ravel().tolist())
+        return text.split(b"\0")[:-1]
 
     def _module(self, key: int) -> bytes:
         if key not in self._mods:
@@ -206,14 +225,11 @@ class Symbolizer:
         if len(starts) == 0:
             return data
         uniq, which = _distinct(vals)
-        got = self._lookup(uniq)
-        has = np.fromiter((g is not None for g in got), bool, len(got))
+        reps, has = self._lookup(uniq)
         keep = np.flatnonzero(has[which])  # the candidates that are rewritten
         if len(keep) == 0:
             return data
         self.rewritten += len(keep)
-        reps = np.empty(len(got), object)
-        reps[:] = got
         return self._template(text, starts[keep], ends[keep]) % tuple(reps[which[keep]].tolist())
 
     def _template(self, text: bytes, starts: np.ndarray, ends: np.ndarray) -> bytes:

@@ -301,3 +301,21 @@ def test_words_only_at_the_very_end_or_start(x86):
                       (a[:-1], a[:-1]), (b"x" + a, b"x" + a), (b"00x" + a, b"00x" + a),
                       (a + b" " + a, want + b" " + want), (a + a, a + a), (b"", b"")):
         assert s.rewrite(text) == out, text
+
+
+def test_cache_of_looked_up_addresses_starting_over(x86, monkeypatch):
+    """The sorted cache of %pS texts is bounded: past the bound it starts over, and the
+    text is the same either way."""
+    import random
+
+    import ksymsfs.symbolize as sz
+
+    img, _, ref = x86
+    data = _random_text(random.Random(9), ref, 16, 400)
+    want = _expected(data, ref, 16)
+    s = Symbolizer(img)
+    monkeypatch.setattr(sz, "_CACHE_MAX", 8)
+    lines = data.splitlines(True)
+    assert b"".join(s.rewrite(ln) for ln in lines * 2) == _expected(data * 2, ref, 16)
+    assert len(s._cache[0]) <= 8 + max(len(ln) for ln in lines)
+    assert s.rewrite(data) == want
