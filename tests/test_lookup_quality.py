@@ -179,10 +179,11 @@ def test_addr2line_names_functions_around_arm_mapping_symbols(machine, images, a
     rnd = random.Random(4)
     near = sorted({a for s in syms if is_mapping(s.name) for a in (s.addr, s.addr + 2)
                    if ref.containing(a)})
-    text = [r for r in ref.syms if r.alone and r.size >= 4 and r.module]
-    funcs = [r.addr + rnd.randrange(r.size) for r in rnd.sample(text, 200)]
+    code = {s.addr for s in syms if s.letter in "Tt"}
+    text = [r for r in ref.syms if r.alone and r.size >= 4 and r.addr in code]
+    funcs = [r.addr + rnd.randrange(r.size) for r in rnd.sample(text, 300)]
     addrs = _one_section(image, near + funcs)
-    assert len(addrs) > 450
+    assert len(addrs) > 600
     r = run_tool(tool, "-f", "-e", image, *[hex(a) for a in addrs])
     assert r.returncode == 0, r.stderr
     got = r.stdout.decode().splitlines()[0::2]
