@@ -220,6 +220,11 @@ class Symbolizer:
 
     def rewrite(self, data: bytes) -> bytes:
         """``data`` with every kernel address inside a symbol replaced by its %pS form."""
+        out = self._rewrite(data)
+        return out if isinstance(out, bytes) else bytes(out)
+
+    def _rewrite(self, data: bytes) -> bytes | bytearray:
+        """rewrite, as bytes or (spared a copy) a bytearray."""
         text = data.replace(b"%", b"%%") if b"%" in data else data  # "%" is not a word byte
         starts, ends, vals = self.candidates(text)
         if len(starts) == 0:
@@ -232,19 +237,21 @@ class Symbolizer:
         self.rewritten += len(keep)
         return self._template(text, starts[keep], ends[keep]) % tuple(reps[which[keep]].tolist())
 
-    def _template(self, text: bytes, starts: np.ndarray, ends: np.ndarray) -> bytes:
+    def _template(self, text: bytes, starts: np.ndarray, ends: np.ndarray) -> bytearray:
         """``text`` with each [start, end) overwritten by ``%-...-s`` of the same length:
         flags only ("-" may repeat), no width, so it prints its argument as it is."""
-        t = np.frombuffer(text, np.uint8).copy()
+        out = bytearray(text)
+        t = np.frombuffer(out, np.uint8)
         w = self.width
         prefixed = ends - starts != w
         for length, sel in ((w, ~prefixed), (w + 2, prefixed)):
             if np.any(sel):
                 spec = np.frombuffer(b"%" + b"-" * (length - 2) + b"s", np.uint8)
                 as_strided(t, (len(t) - length + 1, length), (1, 1))[starts[sel]] = spec
-        return t.tobytes()
+        del t  # the bytearray may be formatted (%) only once no view holds it
+        return out
 
-    def stream(self, src: BinaryIO, block: int = 1 << 23) -> Iterator[bytes]:
+    def stream(self, src: BinaryIO, block: int = 1 << 23) -> Iterator[bytes | bytearray]:
         """Rewritten text of ``src``, whole lines at a time: as much as is there at once
         (up to ``block`` bytes: a file in big pieces), what has arrived (a pipe that
         delivers a line at a time gets each line back at once)."""
@@ -265,9 +272,9 @@ class Symbolizer:
             cut = data.rfind(b"\n") + 1
             tail = data[cut:]
             if cut:
-                yield self.rewrite(data[:cut])
+                yield self._rewrite(data[:cut])
         if tail:
-            yield self.rewrite(tail)
+            yield self._rewrite(tail)
 
 
 def _ready(src: BinaryIO) -> bool:
