@@ -189,7 +189,7 @@ def _mapping_symbols(table: SymbolTable, info: np.ndarray) -> np.ndarray | None:
     mapping symbols). Size 0, local, notype and hidden is what binutils' symbol-table
     function lookup skips (``_bfd_elf_maybe_function_sym``, the annobin rule), so
     addr2line names the function around them on any e_machine (README "Symbol sizes and
-    lookup"); perf takes only STT_FUNC as functions. nm letters do not change."""
+    lookup"). nm letters do not change."""
     mapping = mapping_mask(table.strtab, table.name_off)
     mapping &= (info >> 4) == STB_LOCAL
     if not mapping.any():
