@@ -146,6 +146,8 @@ class Symbolizer:
         img = parse_image(image, engine="numpy")
         self.img = img
         self.width = width or address_width(img)
+        if self.width not in (8, 16):
+            raise ValueError(f"address width {self.width}: 8 or 16 hex digits")
         self.rewritten = 0
         self._mods: dict[int, bytes] = {}
         self._nul = np.flatnonzero(img.strtab == 0)
