@@ -18,6 +18,7 @@ import numpy as np
 
 from . import letters as lt
 from .elfdefs import (
+    ELF_ST_INFO,
     ELFCLASS32,
     ELFDATA2LSB,
     ET_EXEC,
@@ -31,6 +32,7 @@ from .elfdefs import (
     SHT_STRTAB,
     SHT_SYMTAB,
     STB_LOCAL,
+    STT_NOTYPE,
     Target,
     ehdr_dtype,
     phdr_dtype,
@@ -50,8 +52,10 @@ from .layout import (
     unique_names,
 )
 from .notes import NOTE_SECTION, OTHER_NOTES_SECTION, Notes, split_notes, valid_notes
-from .sizes import SIZE_CAP, run_sizes, unsized
+from .sizes import SIZE_CAP, mapping_mask, run_sizes, unsized
 from .vimage import VirtualImage
+
+STV_HIDDEN = 2  # elf.h: st_other visibility
 
 INFO_SECTION = ".ksyms.info"      # Elf32_Word per symtab entry: letter | modname_off << 8
 MODULES_SECTION = ".ksyms.modules"  # string table of module names ("" = kernel)
@@ -133,6 +137,7 @@ def build_virtual(table: SymbolTable, target: Target, load_order: list[str] | No
         raise ImageError("addresses do not fit in a 32-bit ELF class; use --class 64")
     cls = np.take(lt.LETTER_CLASS, table.letter)
     info = np.take(lt.LETTER_INFO, table.letter)
+    other = _mapping_symbols(table, info)
     ranks = module_ranks(table, load_order)
     rank = np.take(ranks.astype(np.uint16) if len(ranks) <= 1 << 16 else ranks, table.module)
     sym_t = sym_dtype(target.elfclass, target.data)
@@ -159,6 +164,9 @@ def build_virtual(table: SymbolTable, target: Target, load_order: list[str] | No
     del size
     sym["st_info"] = info[order]
     del info
+    if other is not None:
+        sym["st_other"] = other[order]
+        del other
     sym["st_shndx"] = shndx[order]
     del sym, shndx
     words = np.frombuffer(out, word_dtype(target.data), n + 1, lay.infooff - b)
@@ -173,6 +181,21 @@ def build_virtual(table: SymbolTable, target: Target, load_order: list[str] | No
         front[off:off + len(data)] = data
     lay.write_headers(front, out, name_offs, first_global)
     return VirtualImage([(0, front), (b, out)], lay.filesize)
+
+
+def _mapping_symbols(table: SymbolTable, info: np.ndarray) -> np.ndarray | None:
+    """Write local ARM/AArch64 mapping symbols ($a $d $t $x, $x.N) as their assembler
+    makes them, STT_NOTYPE, and STV_HIDDEN (changes ``info``); their st_other (None: no
+    mapping symbols). Size 0, local, notype and hidden is what binutils' symbol-table
+    function lookup skips (``_bfd_elf_maybe_function_sym``, the annobin rule), so
+    addr2line names the function around them on any e_machine (README "Symbol sizes and
+    lookup"). nm letters do not change."""
+    mapping = mapping_mask(table.strtab, table.name_off)
+    mapping &= (info >> 4) == STB_LOCAL
+    if not mapping.any():
+        return None
+    info[mapping] = ELF_ST_INFO(STB_LOCAL, STT_NOTYPE)
+    return np.where(mapping, np.uint8(STV_HIDDEN), np.uint8(0))
 
 
 def _note_sections(notes, modules, ranks, order) -> list[tuple[str, int, bytes]]:

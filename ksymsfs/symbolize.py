@@ -2,40 +2,141 @@
 
 A candidate is a whole hex word of the image's address width (16 digits, or 8 for a
 32-bit kernel), with or without ``0x``: not part of a longer word, not a small number
-or a timestamp. Candidates inside a symbol become ``name+0xoff/0xsize``, plus `` [mod]``
-for a module (not for pseudo-modules such as ``[bpf]``, as %pS); everything else,
-including addresses outside every symbol and 0, stays byte for byte.
+or a timestamp; exactly the words a regex ``\\b(0[xX])?[0-9a-fA-F]{W}\\b`` takes.
+Candidates inside a symbol become ``name+0xoff/0xsize``, plus `` [mod]`` for a module
+(not for pseudo-modules such as ``[bpf]``, as %pS); everything else, including
+addresses outside every symbol and 0, stays byte for byte.
 
-Candidates are found with numpy over the bytes (runs of word bytes of the right length
-and digits, exactly the words a regex ``\\b(0x)?[0-9a-f]{W}\\b`` takes); the distinct ones
-are parsed and looked up together (searchsorted), then the pieces are joined again.
+How it stays fast (README "symbolize"): no per-byte Python and no regex. ``translate``
+marks the hex digits; a run of W digits holds a whole aligned block of W/2 of them, so
+one vectorized compare over the blocks finds the few places to look at closely. Values
+come from one ``bytes.fromhex``; each distinct address is looked up and formatted once
+(cached across calls). The output is one ``%`` formatting of the text in which each
+candidate was overwritten in place by a conversion of the same length
+(``%-...-s``: flags only, no width), with the text's own ``%`` doubled.
 """
 
 from __future__ import annotations
 
+import io
+import re
+import select
 from collections.abc import Iterator
 from typing import BinaryIO
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from .kallsyms import is_pseudo_module
 from .npreader import Image, locate
 from .reader import parse_image
 
-_HEXVAL = np.full(256, 255, np.uint8)
-_IS_WORD = np.zeros(256, bool)  # what a regex \w is in bytes: letters, digits, "_"
-for _i, _c in enumerate(b"0123456789abcdef"):
-    _HEXVAL[_c] = _i
-for _i, _c in enumerate(b"ABCDEF"):
-    _HEXVAL[_c] = 10 + _i
-for _c in b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_":
-    _IS_WORD[_c] = True
+_HEX = b"0123456789abcdefABCDEF"
+_WORD = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_"  # a regex \w
+# byte classes (a translate table): hex digit 1, "x"/"X" 4, other word byte 2, else 0
+_CLASS = bytes(1 if c in _HEX else 4 if c in b"xX" else 2 if c in _WORD else 0
+               for c in range(256))
+_CLASS_NP = np.frombuffer(_CLASS, np.uint8)
+_FIB = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: multiplicative hashing
+_CACHE_MAX = 1 << 20  # distinct addresses remembered across calls (then start over)
 
 
 def address_width(img: Image) -> int:
     """Hex digits of the kernel's addresses: 8 when every symbol fits 32 bits, else 16."""
     vals = img.syms["st_value"]
     return 8 if not len(vals) or int(vals.max()) <= 0xFFFFFFFF else 16
+
+
+def _rows(a: np.ndarray, width: int) -> np.ndarray:
+    """Read-only view of ``a`` whose row i is a[i:i+width] (gathering rows is fast)."""
+    return as_strided(a, (max(len(a) - width + 1, 0), width), (a.strides[0],) * 2,
+                      writeable=False)
+
+
+def _byte_index(y: np.ndarray, highest: bool) -> np.ndarray:
+    """Index of the highest (or lowest) non-zero byte of each non-zero word ``y`` whose
+    bytes are below 8 (so the float conversion below cannot reach the next byte)."""
+    if not highest:
+        y = y & (~y + np.uint64(1))  # lowest set bit alone
+    return (np.frexp(y.astype(np.float64))[1] - 1) // 8
+
+
+def find_words(data: bytes, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) of every whole word of ``width`` (8 or 16) hex digits, or ``0x`` and
+    them: what ``\\b(0[xX])?[0-9a-fA-F]{width}\\b`` matches, without a regex.
+
+    With b = width/2, such a word holds a whole aligned block of b digits: one compare
+    over the text's blocks (of byte classes) finds them. For the first such block q of a
+    run of digits, the run starts after the last non-digit of block q-1 and must end
+    within block q+1 or just after it; the bytes around it must not be word bytes.
+    """
+    b = width // 2
+    ones = np.uint64(int.from_bytes(b"\x01" * b, "little"))
+    cls = data.translate(_CLASS)
+    blocks = np.frombuffer(cls, np.dtype(f"<u{b}"), len(data) // b).astype(np.uint64,
+                                                                            copy=False)
+    full = np.flatnonzero(blocks == ones)
+    q = full[np.concatenate(([True], np.diff(full) != 1))] if len(full) else full
+    tail = len(q) - np.searchsorted(q, len(blocks) - 2)  # too near the end: a regex
+    q = q[:len(q) - tail]
+    prev = np.where(q > 0, blocks[np.maximum(q - 1, 0)], 0)  # no block before: no word
+    i = _byte_index(prev ^ ones, True)  # the last byte that is not a digit
+    start = (q - 1) * b + i + 1
+    before = (prev >> (np.uint64(8) * i.astype(np.uint64))) & np.uint64(0xFF)
+    nxt = blocks[q + 1] ^ ones  # 0: block q+1 is all digits too
+    k = np.where(nxt == 0, b, _byte_index(np.where(nxt == 0, 1, nxt), False))
+    end = q * b + b + k
+    after = np.where(nxt == 0, blocks[q + 2],
+                     blocks[q + 1] >> (np.uint64(8) * k.astype(np.uint64))) & np.uint64(0xFF)
+    ok = (end - start == width) & (after == 0) & ((before == 0) | (before == 4))
+    start, end, before = start[ok], end[ok], before[ok]
+    # "x" before: a word unless it is "0x" with no word byte before that
+    px = np.flatnonzero(before == 4)
+    s = start[px]
+    buf = np.frombuffer(data, np.uint8)
+    good = (s >= 2) & (buf[np.maximum(s - 2, 0)] == 0x30)
+    good &= (_CLASS_NP[buf[np.maximum(s - 3, 0)]] == 0) | (s == 2)
+    start[px[good]] -= 2
+    keep = np.ones(len(start), bool)
+    keep[px[~good]] = False
+    start, end = start[keep], end[keep]
+    if tail:  # the words that may start from block len-3 on, after the last one found
+        lo = max((len(blocks) - 3) * b - 2, int(end[-1]) if len(end) else 0, 0)
+        more = [(m.start(), m.end()) for m in _regex(width).finditer(data, lo)]
+        if more:
+            extra = np.array(more, np.int64)
+            start = np.concatenate((start, extra[:, 0]))
+            end = np.concatenate((end, extra[:, 1]))
+    return start, end
+
+
+_REGEX: dict[int, re.Pattern[bytes]] = {}
+
+
+def _regex(width: int) -> re.Pattern[bytes]:
+    """The regex that find_words matches (used for the last few bytes of a text)."""
+    if width not in _REGEX:
+        _REGEX[width] = re.compile(rb"(?<![0-9A-Za-z_])(?:0[xX])?[0-9a-fA-F]{%d}"
+                                   rb"(?![0-9A-Za-z_])" % width)
+    return _REGEX[width]
+
+
+def _distinct(vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, index of each value in them): np.unique(return_inverse)
+    without its argsort (a sort, then a multiplicative hash table checked by a compare,
+    binary search only for the values whose slot another one took)."""
+    s = np.sort(vals)
+    uniq = s[np.concatenate(([True], s[1:] != s[:-1]))] if len(s) else s
+    if 4 * len(uniq) > len(vals):  # few repeats: a table would not pay
+        return uniq, np.searchsorted(uniq, vals)
+    bits = min(max((8 * len(uniq)).bit_length(), 4), 20)
+    shift = np.uint64(64 - bits)
+    table = np.zeros(1 << bits, np.int32)
+    table[(uniq * _FIB) >> shift] = np.arange(len(uniq), dtype=np.int32)
+    which = table[(vals * _FIB) >> shift].astype(np.int64)
+    lost = np.flatnonzero(uniq[which] != vals)
+    which[lost] = np.searchsorted(uniq, vals[lost])
+    return uniq, which
 
 
 class Symbolizer:
@@ -45,45 +146,72 @@ class Symbolizer:
         img = parse_image(image, engine="numpy")
         self.img = img
         self.width = width or address_width(img)
+        if self.width not in (8, 16):
+            raise ValueError(f"address width {self.width}: 8 or 16 hex digits")
         self.rewritten = 0
         self._mods: dict[int, bytes] = {}
         self._nul = np.flatnonzero(img.strtab == 0)
+        self._names: np.ndarray | None = None
+        self.forget()
 
-    def candidates(self, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def forget(self) -> None:
+        """Drop the addresses looked up so far (they are remembered across ``rewrite``)."""
+        # sorted addresses, their %pS text (None: in no symbol), whether in a symbol
+        self._cache = (np.zeros(0, np.uint64), np.empty(0, object), np.zeros(0, bool))
+
+    def candidates(self, data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(start, end, value) of every whole word that is W hex digits, or 0x and W."""
         w = self.width
-        word = _IS_WORD[buf]
-        edge = np.flatnonzero(word[1:] != word[:-1]) + 1  # where runs of word bytes change
-        if len(buf) and word[0]:
-            edge = np.concatenate(([0], edge))
-        if len(buf) and word[-1]:
-            edge = np.concatenate((edge, [len(buf)]))
-        starts, ends = edge[0::2], edge[1::2]
-        n = ends - starts
-        sel = np.flatnonzero((n == w) | (n == w + 2))
-        starts, ends = starts[sel], ends[sel]
-        prefixed = n[sel] == w + 2
-        ok = ~prefixed | ((buf[starts] == 0x30) & ((buf[np.minimum(starts + 1, len(buf) - 1)]
-                                                   | 0x20) == 0x78))
-        digits = _HEXVAL[buf[ends[:, None] - np.arange(w, 0, -1)]]  # 255: not a hex digit
-        ok &= (digits != 255).all(axis=1)
-        starts, ends, digits = starts[ok], ends[ok], digits[ok]
-        vals = np.zeros(len(ends), np.uint64)
-        for j in range(w):
-            vals <<= np.uint64(4)
-            vals |= digits[:, j]
-        return starts, ends, vals
+        start, end = find_words(data, w)
+        digits = _rows(np.frombuffer(data, np.uint8), w)[end - w].tobytes()
+        vals = np.frombuffer(bytes.fromhex(digits.decode("ascii")), f">u{w // 2}")
+        return start, end, vals.astype(np.uint64)
+
+    def _lookup(self, uniq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(%pS text or None, found?) per distinct sorted address; only the addresses not
+        seen before are looked up and formatted (the rest come from a sorted cache)."""
+        keys, texts, found = self._cache
+        pos = np.minimum(np.searchsorted(keys, uniq), max(len(keys) - 1, 0))
+        known = keys[pos] == uniq if len(keys) else np.zeros(len(uniq), bool)
+        out, has = np.empty(len(uniq), object), np.zeros(len(uniq), bool)
+        out[known], has[known] = texts[pos[known]], found[pos[known]]
+        new = np.flatnonzero(~known)
+        if len(new):
+            nv = uniq[new]
+            hit, off = locate(self.img, nv)
+            hit[nv == 0] = -1  # 0 is a null pointer or a hidden address, never a symbol
+            ok = hit >= 0
+            nt = np.empty(len(new), object)
+            nt[np.flatnonzero(ok)] = self._format(hit[ok], off[ok])
+            out[new], has[new] = nt, ok
+            if len(keys) + len(new) > _CACHE_MAX:
+                self._cache = (nv, nt, ok)
+            else:
+                at = np.searchsorted(keys, nv)
+                self._cache = (np.insert(keys, at, nv), np.insert(texts, at, nt),
+                               np.insert(found, at, ok))
+        return out, has
 
     def _format(self, idx: np.ndarray, off: np.ndarray) -> list[bytes]:
-        """%pS text per symbol index and offset."""
+        """%pS text per symbol index and offset: one ``%`` formatting for all of them."""
         img = self.img
-        tab = img.data_strtab
+        if self._names is None:  # every name, by the number of its string in .strtab
+            self._names = np.array(img.data_strtab.split(b"\0"), object)
         noff = img.syms["st_name"][idx].astype(np.int64)
-        nend = self._nul[np.searchsorted(self._nul, noff)]
-        mods = [self._module(k) for k in img.modkey[idx].tolist()]
-        return [b"%s+0x%x/0x%x%s" % (tab[a:b], o, z, m) for a, b, o, z, m in zip(
-            noff.tolist(), nend.tolist(), off.tolist(),
-            img.syms["st_size"][idx].tolist(), mods)]
+        k = np.searchsorted(self._nul, noff)  # the NUL that ends each name
+        start = np.where(k > 0, self._nul[np.maximum(k - 1, 0)] + 1, 0)
+        whole = start == noff  # a name that is the tail of another one is sliced
+        keys, mk = np.unique(img.modkey[idx], return_inverse=True)
+        mods = np.array([self._module(int(m)) for m in keys] + [b""], object)
+        args = np.empty((len(idx), 4), object)
+        args[:, 0] = self._names[k]
+        for j in np.flatnonzero(~whole).tolist():
+            args[j, 0] = img.data_strtab[noff[j]:self._nul[k[j]]]
+        args[:, 1] = off.tolist()
+        args[:, 2] = img.syms["st_size"][idx].tolist()
+        args[:, 3] = mods[mk.reshape(-1)]
+        text = b"%s+0x%x/0x%x%s\0" * len(idx) % tuple(args.ravel().tolist())
+        return text.split(b"\0")[:-1]
 
     def _module(self, key: int) -> bytes:
         if key not in self._mods:
@@ -94,44 +222,70 @@ class Symbolizer:
 
     def rewrite(self, data: bytes) -> bytes:
         """``data`` with every kernel address inside a symbol replaced by its %pS form."""
-        buf = np.frombuffer(data, np.uint8)
-        starts, ends, vals = self.candidates(buf)
+        out = self._rewrite(data)
+        return out if isinstance(out, bytes) else bytes(out)
+
+    def _rewrite(self, data: bytes) -> bytes | bytearray:
+        """rewrite, as bytes or (spared a copy) a bytearray."""
+        text = data.replace(b"%", b"%%") if b"%" in data else data  # "%" is not a word byte
+        starts, ends, vals = self.candidates(text)
         if len(starts) == 0:
             return data
-        uniq, inv = np.unique(vals, return_inverse=True)
-        hit, off = locate(self.img, uniq)
-        hit[uniq == 0] = -1  # 0 is a null pointer or a hidden address, never a symbol
-        found = np.flatnonzero(hit >= 0)
-        text = np.full(len(uniq), -1, np.int64)
-        text[found] = np.arange(len(found))
-        which = text[inv]
-        keep = np.flatnonzero(which >= 0)  # the candidates that are rewritten
+        uniq, which = _distinct(vals)
+        reps, has = self._lookup(uniq)
+        keep = np.flatnonzero(has[which])  # the candidates that are rewritten
         if len(keep) == 0:
             return data
         self.rewritten += len(keep)
-        reps = self._format(hit[found], off[found])
-        cut_s, cut_e = starts[keep].tolist(), ends[keep].tolist()
-        out: list[bytes] = [b""] * (2 * len(keep) + 1)
-        out[0:-1:2] = map(data.__getitem__, map(slice, [0, *cut_e], cut_s))  # text between
-        out[1::2] = map(reps.__getitem__, which[keep].tolist())
-        out[-1] = data[cut_e[-1]:]
-        return b"".join(out)
+        return self._template(text, starts[keep], ends[keep]) % tuple(reps[which[keep]].tolist())
 
-    def stream(self, src: BinaryIO, block: int = 1 << 20) -> Iterator[bytes]:
-        """Rewritten text of ``src``, whole lines at a time as they arrive (a pipe too)."""
+    def _template(self, text: bytes, starts: np.ndarray, ends: np.ndarray) -> bytearray:
+        """``text`` with each [start, end) overwritten by ``%-...-s`` of the same length:
+        flags only ("-" may repeat), no width, so it prints its argument as it is."""
+        out = bytearray(text)
+        t = np.frombuffer(out, np.uint8)
+        w = self.width
+        prefixed = ends - starts != w
+        for length, sel in ((w, ~prefixed), (w + 2, prefixed)):
+            if np.any(sel):
+                spec = np.frombuffer(b"%" + b"-" * (length - 2) + b"s", np.uint8)
+                as_strided(t, (len(t) - length + 1, length), (1, 1))[starts[sel]] = spec
+        del t  # the bytearray may be formatted (%) only once no view holds it
+        return out
+
+    def stream(self, src: BinaryIO, block: int = 1 << 23) -> Iterator[bytes | bytearray]:
+        """Rewritten text of ``src``, whole lines at a time: as much as is there at once
+        (up to ``block`` bytes: a file in big pieces), what has arrived (a pipe that
+        delivers a line at a time gets each line back at once)."""
         read = getattr(src, "read1", src.read)
-        tail = b""
-        while True:
-            chunk = read(block)
-            if not chunk:
-                break
-            chunk = tail + chunk
-            cut = chunk.rfind(b"\n") + 1
-            tail = chunk[cut:]
+        tail, eof = b"", False
+        while not eof:
+            parts, size = [tail], len(tail)
+            while True:
+                chunk = read(block)
+                if not chunk:
+                    eof = True
+                    break
+                parts.append(chunk)
+                size += len(chunk)
+                if size >= block or not _ready(src):
+                    break
+            data = b"".join(parts)
+            cut = data.rfind(b"\n") + 1
+            tail = data[cut:]
             if cut:
-                yield self.rewrite(chunk[:cut])
+                yield self._rewrite(data[:cut])
         if tail:
-            yield self.rewrite(tail)
+            yield self._rewrite(tail)
+
+
+def _ready(src: BinaryIO) -> bool:
+    """More to read from ``src`` without waiting (always, for what select cannot tell)."""
+    try:
+        fd = src.fileno()
+        return bool(select.select([fd], [], [], 0)[0])
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return True
 
 
 def symbolize_text(image, data: bytes) -> bytes:

@@ -133,11 +133,8 @@ def test_llvm_symbolizer_names_functions_not_mapping_symbols(arm_image, refs):
 
 
 def test_addr2line_names_functions_by_their_sizes(images, refs):
-    """binutils addr2line -f (no DWARF: function symbols and st_size) on the x86_64 dump.
-
-    Not on the ARM dumps: this host's binutils has no ARM backend (objdump -f says
-    elf32-little), and the generic one takes a size-0 mapping symbol as the nearest
-    function (README "Symbol sizes and lookup")."""
+    """binutils addr2line -f (no DWARF: function symbols and st_size) on the x86_64 dump
+    (the ARM dump with mapping symbols: the test below)."""
     tool = need_tool("addr2line")
     name = "binun-taiwan-x86_64"
     ref = refs[name]
@@ -150,6 +147,64 @@ def test_addr2line_names_functions_by_their_sizes(images, refs):
     assert r.returncode == 0, r.stderr
     funcs = r.stdout.decode().splitlines()[0::2]
     assert funcs == [p.name for p in picks]
+
+
+def _one_section(image: Path, addrs: list[int]) -> list[int]:
+    """The addresses that lie in exactly one allocated section: d2000 lists a module's
+    freed init text at the address another module reuses (sep4020_graylcd's
+    .text.1 and sep4020_key's .text both at bf004000), where tools pick either one."""
+    img = reader.parse_image(image, engine="numpy")
+    spans = [(int(s["sh_addr"]), int(s["sh_addr"] + s["sh_size"]))
+             for s in img.shdrs if s["sh_flags"] & 2 and s["sh_size"]]
+    return [a for a in addrs if sum(lo <= a < hi for lo, hi in spans) == 1]
+
+
+@pytest.mark.parametrize("machine", ["host", "arm"])
+def test_addr2line_names_functions_around_arm_mapping_symbols(machine, images, arm_image,
+                                                              refs):
+    """binutils addr2line -f on the ARM dump with $a/$d in its modules, built for this
+    machine and for EM_ARM (which this host's binutils reads with its generic ELF
+    backend: no ARM one): at and after each mapping symbol inside a function, and at
+    random addresses of functions, it names the function, never a mapping symbol.
+
+    Its symbol-table lookup takes the nearest symbol at or below the address whatever
+    its size (bfd/dwarf2.c better_fit), except a local, STT_NOTYPE, STV_HIDDEN symbol of
+    size 0 (bfd/elf.c _bfd_elf_maybe_function_sym): that is how mapping symbols are
+    written (before, as STT_FUNC: 72 of 420 of these addresses answered $d)."""
+    tool = need_tool("addr2line")
+    name = "d2000-sep4020-arm32"
+    image = images[name] if machine == "host" else arm_image
+    ref = refs[name]
+    syms, _ = parse_input((DATA / name / "kallsyms").read_bytes())
+    rnd = random.Random(4)
+    near = sorted({a for s in syms if is_mapping(s.name) for a in (s.addr, s.addr + 2)
+                   if ref.containing(a)})
+    code = {s.addr for s in syms if s.letter in "Tt"}
+    text = [r for r in ref.syms if r.alone and r.size >= 4 and r.addr in code]
+    funcs = [r.addr + rnd.randrange(r.size) for r in rnd.sample(text, 300)]
+    addrs = _one_section(image, near + funcs)
+    assert len(addrs) > 600
+    r = run_tool(tool, "-f", "-e", image, *[hex(a) for a in addrs])
+    assert r.returncode == 0, r.stderr
+    got = r.stdout.decode().splitlines()[0::2]
+    assert len(got) == len(addrs)
+    for a, g in zip(addrs, got):
+        at = {s.name for s in syms if s.addr == ref.containing(a).addr and not is_mapping(s.name)}
+        assert g in at, (hex(a), g, at)
+
+
+def test_mapping_symbols_are_local_notype_hidden_size_0(images):
+    """How the image writes $a/$d (readelf), while nm still prints their kallsyms letter."""
+    name = "d2000-sep4020-arm32"
+    r = run_tool(need_tool("readelf"), "-sW", images[name])
+    rows = [ln.split() for ln in r.stdout.decode().splitlines()]
+    maps = [x for x in rows if len(x) == 8 and is_mapping(x[7])]
+    assert len(maps) == 270
+    assert {tuple(x[2:6]) for x in maps} == {("0", "NOTYPE", "LOCAL", "HIDDEN")}
+    others = [x for x in rows if len(x) == 8 and x[5] == "HIDDEN" and not is_mapping(x[7])]
+    assert not others
+    nm = run_tool(need_tool("nm"), images[name]).stdout.decode().splitlines()
+    assert sum(1 for ln in nm if ln.split()[1:] in (["t", "$a"], ["t", "$d"])) == 270
 
 
 def test_pseudo_modules_last_symbols_resolve(images):

@@ -222,3 +222,100 @@ def test_counts_rewrites(x86):
     s = Symbolizer(img)
     s.rewrite(raw.encode())
     assert s.rewritten == 3
+
+
+CANDIDATE = r"(?<![0-9A-Za-z_])(?:0[xX])?[0-9a-fA-F]{%d}(?![0-9A-Za-z_])"
+
+
+def _random_text(rng, ref: Reference, width: int, n: int) -> bytes:
+    """Tokens that stress the word finder: addresses inside symbols (any case, with and
+    without 0x/0X), hex words one digit short or long, glued letters, "x", "%", junk."""
+    alone = [r for r in ref.syms if r.alone and r.size]
+    junk = [b" ", b"\n", b"\t", b"%", b"%s", b"%%", b"x", b"X", b"0", b"0x", b"_", b"g",
+            b"[<", b">]", b"\xff", b"-", b"+0x10/0x20", b"\r\n"]
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.45:
+            s = alone[rng.randrange(len(alone))]
+            word = f"{s.addr + rng.randrange(s.size):0{width}x}"
+            word = word.upper() if rng.random() < 0.1 else word
+            out.append((rng.choice(["", "", "0x", "0X"]) + word).encode())
+        elif r < 0.6:
+            out.append(b"".join(rng.choice(b"0123456789abcdefABCDEF").to_bytes(1, "big")
+                                for _ in range(rng.choice((width - 1, width, width + 1)))))
+        else:
+            out.append(rng.choice(junk))
+    return b"".join(out)
+
+
+def _expected(data: bytes, ref: Reference, width: int) -> bytes:
+    def one(m: re.Match) -> bytes:
+        ps = ref.ps(int(m[0][-width:], 16))
+        return m[0] if ps is None else ps.encode()
+    return re.sub((CANDIDATE % width).encode(), one, data)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_text_is_rewritten_as_a_regex_and_the_reference_say(x86, seed):
+    """Word boundaries at every alignment, the text's own "%", 0x/0X, upper case, and
+    text cut into blocks anywhere (stream) all give what a plain regex + the reference
+    give: the fast path (blocks of byte classes, one % formatting) changes nothing."""
+    import io
+    import random
+
+    img, _, ref = x86
+    rng = random.Random(seed)
+    data = _random_text(rng, ref, 16, 3000)
+    want = _expected(data, ref, 16)
+    assert want != data
+    s = Symbolizer(img)
+    assert s.rewrite(data) == want
+    for k in (1, 2, 7, 31):  # lines re-cut into pieces (each ends with a whole line)
+        block = len(data) // (k * 10) + 1
+        assert b"".join(s.stream(io.BytesIO(data), block=block)) == want
+    for cut in range(0, 40):  # every alignment of the text against the 8-byte blocks
+        assert s.rewrite(data[cut:cut + 500]) == _expected(data[cut:cut + 500], ref, 16)
+
+
+def test_random_text_32bit(tmp_path):
+    import random
+
+    d = DATA / "d2000-sep4020-arm32"
+    img = build_ok(tmp_path / "i.elf", kallsyms=d / "kallsyms", modules=d / "modules")
+    ref = Reference((d / "kallsyms").read_bytes())
+    rng = random.Random(5)
+    data = _random_text(rng, ref, 8, 3000)
+    s = Symbolizer(img)
+    for cut in range(0, 12):
+        assert s.rewrite(data[cut:]) == _expected(data[cut:], ref, 8)
+
+
+def test_words_only_at_the_very_end_or_start(x86):
+    img, syms, ref = x86
+    a = f"{syms['schedule'] + 0x29:016x}".encode()
+    s = Symbolizer(img)
+    want = ref.ps(syms["schedule"] + 0x29).encode()
+    for text, out in ((a, want), (b"0x" + a, want), (b" " + a, b" " + want),
+                      (a + b"%", want + b"%"), (b"%" + a + b"%%", b"%" + want + b"%%"),
+                      (a[:-1], a[:-1]), (b"x" + a, b"x" + a), (b"00x" + a, b"00x" + a),
+                      (a + b" " + a, want + b" " + want), (a + a, a + a), (b"", b"")):
+        assert s.rewrite(text) == out, text
+
+
+def test_cache_of_looked_up_addresses_starting_over(x86, monkeypatch):
+    """The sorted cache of %pS texts is bounded: past the bound it starts over, and the
+    text is the same either way."""
+    import random
+
+    import ksymsfs.symbolize as sz
+
+    img, _, ref = x86
+    data = _random_text(random.Random(9), ref, 16, 400)
+    want = _expected(data, ref, 16)
+    s = Symbolizer(img)
+    monkeypatch.setattr(sz, "_CACHE_MAX", 8)
+    lines = data.splitlines(True)
+    assert b"".join(s.rewrite(ln) for ln in lines * 2) == _expected(data * 2, ref, 16)
+    assert len(s._cache[0]) <= 8 + max(len(ln) for ln in lines)
+    assert s.rewrite(data) == want
