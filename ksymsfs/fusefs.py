@@ -34,9 +34,10 @@ class KsymsOperations(Operations):
 
     use_ns = True
 
-    def __init__(self, device: Device, uid: int, gid: int):
+    def __init__(self, device: Device, uid: int, gid: int, notifier: Notifier | None = None):
         self.device = device
         self.uid, self.gid = uid, gid
+        self.notifier = notifier or Notifier()
 
     def __call__(self, op: str, *args: object) -> object:
         try:
@@ -60,8 +61,9 @@ class KsymsOperations(Operations):
     def open(self, path: str, fi: fuse_file_info) -> int:
         _uid, _gid, pid = fuse_get_context()
         fi.fh = self.device.open(pid, fi.flags)
-        fi.direct_io = True   # every read reaches us with this open's handle
-        fi.keep_cache = False
+        # direct I/O (every read reaches us with this open's handle) unless every open
+        # holds this same image: then the page cache (see device's module doc)
+        fi.direct_io, fi.keep_cache = self.device.cache_mode(fi.fh)
         return 0
 
     def read(self, path: str, size: int, offset: int, fi: fuse_file_info) -> bytes:
@@ -135,16 +137,47 @@ def copy_out(buf: object, image: object, served: int, size: int, offset: int) ->
     return n
 
 
+FUSE_ROOT_ID = 1  # the mount point itself: the only inode
+
+
+class Notifier:
+    """Kernel notifications for the mounted inode (libfuse 2.9 low-level notify calls)."""
+
+    def __init__(self) -> None:
+        self._lib = self._ch = None
+
+    def attach(self, lib: ctypes.CDLL, ch: int) -> None:
+        lib.fuse_lowlevel_notify_inval_inode.argtypes = [
+            ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int64, ctypes.c_int64]
+        self._lib, self._ch = lib, ch
+
+    def inval(self, off: int, length: int = 0) -> int:
+        """Drop cached pages from ``off`` (``length`` 0: to the end); ``off`` < 0: only the
+        cached attributes (the next stat/fstat asks us). 0, or -errno."""
+        if self._lib is None:
+            return -errno.ENOTCONN
+        return self._lib.fuse_lowlevel_notify_inval_inode(self._ch, FUSE_ROOT_ID, off, length)
+
+    def inval_pages_soon(self) -> None:
+        """inval(0) from another thread: the page being filled stays locked until our reply
+        is written, and the kernel's invalidation waits for that lock."""
+        threading.Thread(target=self.inval, args=(0,), daemon=True).start()
+
+
 class _ZeroCopyFUSE(FUSE):
     """fusepy's read copies twice (slice, then memmove); copy once, GIL released."""
 
     def read(self, path: bytes, buf: int, size: int, offset: int, fip: object) -> int:
         dev = self.operations.device
-        try:
-            image = dev.image_of(fip.contents.fh)
+        fi = fip.contents
+        try:  # no lock owner: the kernel fills its page cache (readahead, a mapping)
+            image, drop = dev.image_for_read(fi.fh, fill=not fi.lock_owner)
         except KsymsError as e:
             return -e.errno
-        return copy_out(buf, image, dev.served_size, size, offset)
+        n = copy_out(buf, image, dev.served_size, size, offset)
+        if drop:  # a direct open's mapping filled pages others read through the cache
+            self.operations.notifier.inval_pages_soon()
+        return n
 
 
 class _FuseBuf(ctypes.Structure):
@@ -162,8 +195,8 @@ class _PooledLibfuse:
     (what fuse_session_loop does), so the daemon never runs more.
     """
 
-    def __init__(self, lib: ctypes.CDLL, threads: int):
-        self._lib, self.threads = lib, threads
+    def __init__(self, lib: ctypes.CDLL, threads: int, notifier: Notifier | None = None):
+        self._lib, self.threads, self.notifier = lib, threads, notifier
         lib.fuse_setup.restype = ctypes.c_void_p
         lib.fuse_setup.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_size_t, ctypes.POINTER(ctypes.c_char_p),
@@ -192,6 +225,8 @@ class _PooledLibfuse:
             return 1
         se = lib.fuse_get_session(f)
         ch = lib.fuse_session_next_chan(se, None)
+        if self.notifier is not None:
+            self.notifier.attach(lib, ch)
         signal.signal(signal.SIGUSR1, lambda *_: None)  # only to interrupt a worker's read
         workers = [threading.Thread(target=self._work, args=(se, ch), daemon=True,
                                     name=f"fuse-{i}") for i in range(self.threads)]
@@ -234,9 +269,10 @@ def serve(device: Device, mountpoint: str, *, allow_other: bool = False, debug: 
     # a fixed pool: every open beyond --max-pending fails at once, so a few more threads
     # than that always remain for reads, flushes and releases
     lib = fuse_module._libfuse
-    fuse_module._libfuse = _PooledLibfuse(lib, device.max_pending + 4)
+    notifier = Notifier()
+    fuse_module._libfuse = _PooledLibfuse(lib, device.max_pending + 4, notifier)
     try:
-        _ZeroCopyFUSE(KsymsOperations(device, uid, gid), mountpoint, raw_fi=True,
+        _ZeroCopyFUSE(KsymsOperations(device, uid, gid, notifier), mountpoint, raw_fi=True,
                       foreground=True, debug=debug, nothreads=False, ro=True,
                       default_permissions=True, fsname="ksymsfs", subtype="ksymsfs",
                       attr_timeout=0, entry_timeout=0, negative_timeout=0, **opts)
