@@ -177,7 +177,7 @@ class Device:
     def _read_sources(self) -> Snapshot:
         # reads are serialized by the Coalescer, so self._snap is only replaced here
         snap = take_snapshot(self.sources, section_cache=self._section_cache,
-                             previous=self._snap)
+                             previous=self._snap, keep_raw=True)
         if snap is not self._snap:  # a new kernel state: forget the old images
             with self._lock:
                 self._snap, self._images = snap, {}

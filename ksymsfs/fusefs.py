@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import mmap
 import signal
 import stat
 import threading
@@ -107,21 +108,40 @@ class KsymsOperations(Operations):
         raise FuseOSError(errno.ENOTDIR)
 
 
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # mallopt parameters (glibc malloc.h)
+TRIM_EVERY = 5.0  # s: trimming costs a few ms each time
+
+
 def _tame_malloc(device: Device) -> None:
-    """Few malloc arenas for FUSE's worker threads, and give freed memory back when idle."""
+    """Few malloc arenas for FUSE's worker threads; big buffers (a kallsyms read, an
+    image) always in their own mappings, so freeing them returns them to the system (a
+    fixed threshold: glibc's sliding one keeps them in the heap after the first free);
+    and give freed memory back when idle: at once, or TRIM_EVERY s after the last trim."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
-        last = [0.0]
-
-        def trim() -> None:  # at most every 5 s: trimming costs a few ms each time
-            now = time.monotonic()
-            if now - last[0] > 5:
-                last[0] = now
-                libc.malloc_trim(0)
-        device.on_idle = trim
+        libc.mallopt(M_ARENA_MAX, 2)
+        libc.mallopt(M_MMAP_THRESHOLD, 256 << 10)
     except (OSError, AttributeError):
-        pass
+        return
+    lock = threading.Lock()
+    state = {"last": 0.0, "timer": None}
+
+    def trim_now() -> None:
+        with lock:
+            state["last"], state["timer"] = time.monotonic(), None
+        libc.malloc_trim(0)
+
+    def trim() -> None:
+        with lock:
+            wait = state["last"] + TRIM_EVERY - time.monotonic()
+            if wait > 0:
+                if state["timer"] is None:  # one deferred trim at a time
+                    t = state["timer"] = threading.Timer(wait, trim_now)
+                    t.daemon = True
+                    t.start()
+                return
+        trim_now()
+    device.on_idle = trim
 
 
 def copy_out(buf: object, image: object, served: int, size: int, offset: int) -> int:
@@ -247,9 +267,12 @@ class _PooledLibfuse:
     def _work(self, se: int, ch: int) -> None:
         lib = self._lib
         size = lib.fuse_chan_bufsize(ch)
-        buf = ctypes.create_string_buffer(size)
+        # an anonymous mapping: its pages cost memory only once a request touches them
+        # (most requests are small; a zeroed ctypes buffer would cost 132 KB per thread)
+        buf = mmap.mmap(-1, size)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         while not lib.fuse_session_exited(se):
-            fbuf = _FuseBuf(size, 0, ctypes.addressof(buf), -1, 0)
+            fbuf = _FuseBuf(size, 0, addr, -1, 0)
             tmpch = ctypes.c_void_p(ch)
             res = lib.fuse_session_receive_buf(se, ctypes.byref(fbuf), ctypes.byref(tmpch))
             if res == -errno.EINTR:

@@ -125,3 +125,20 @@ def test_cached_pages_of_root_never_reach_nobody():
     finally:
         m.stop()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_unchanged_sources_give_the_same_snapshot_object_and_any_change_a_new_one(tmp_path):
+    """Snapshot identity is exact (bytes equality): one changed byte, same length, is seen."""
+    from ksymsfs.sources import take_snapshot
+    ks, mods = tmp_path / "kallsyms", tmp_path / "modules"
+    ks.write_text(KS)
+    mods.write_text("")
+    src = Sources(str(ks), str(mods))
+    a = take_snapshot(src, keep_raw=True)
+    assert take_snapshot(src, previous=a, keep_raw=True) is a
+    ks.write_text(KS.replace(" T f7\n", " t f7\n"))  # same length, one letter
+    b = take_snapshot(src, previous=a, keep_raw=True)
+    assert b is not a and len(b.raw) == len(a.raw)
+    mods.write_text("\n")  # a module list that differs (and parses to the same nothing)
+    assert take_snapshot(src, previous=b, keep_raw=True) is not b
+    assert take_snapshot(src).raw == b""  # a one-off snapshot does not keep the text
