@@ -65,6 +65,13 @@ class KsymsOperations(Operations):
         # direct I/O (every read reaches us with this open's handle) unless every open
         # holds this same image: then the page cache (see device's module doc)
         fi.direct_io, fi.keep_cache = self.device.cache_mode(fi.fh)
+        # the kernel trusts attributes for the rest of the jiffy they came in (even with
+        # attr_timeout=0): an fstat right after this open could get a size answered before
+        # it (a stat by someone else, before an idle shrink), map more than we serve, and
+        # die of SIGBUS once a short read shrinks i_size. Drop them: its fstat asks us.
+        err = self.notifier.inval(-1)
+        if err:
+            log.debug("attribute invalidation at open failed: errno %d", -err)
         return 0
 
     def read(self, path: str, size: int, offset: int, fi: fuse_file_info) -> bytes:
@@ -194,7 +201,10 @@ class _ZeroCopyFUSE(FUSE):
             image, drop = dev.image_for_read(fi.fh, fill=not fi.lock_owner)
         except KsymsError as e:
             return -e.errno
-        n = copy_out(buf, image, dev.served_size, size, offset)
+        # a fill is never short (zeros past the end, as the image's are): a short fill
+        # makes the kernel shrink i_size (fuse_short_read), and a mapping dies of SIGBUS
+        served = max(dev.served_size, offset + size) if not fi.lock_owner else dev.served_size
+        n = copy_out(buf, image, served, size, offset)
         if drop:  # a direct open's mapping filled pages others read through the cache
             self.operations.notifier.inval_pages_soon()
         return n

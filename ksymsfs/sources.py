@@ -8,13 +8,14 @@ import os
 from dataclasses import dataclass, field
 
 from . import consistency
-from .errors import ParseError, SnapshotError
+from .errors import KsymsError, ParseError, SnapshotError
 from .kallsyms import SymbolTable, is_pseudo_module, parse_kallsyms
 from .notes import Notes, read_notes
 from .readfile import DEFAULT_MAX_READ, read_regular
 
 log = logging.getLogger(__name__)
 SNAPSHOT_TRIES = 3  # FreeBSD ksyms gives up with ENXIO after this many unclean tries
+SECTION_FILE_MAX = 64  # a /sys/module/<m>/sections/<sec> file is "0x%px\n"
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,11 @@ def read_section_bases(sysmodule: str, modules: list[ModuleInfo],
             entries = os.listdir(d)
         except OSError:
             entries = []
-        for sec in entries:
+        for sec in entries:  # never blocks on a FIFO; anything but a regular file refused
             try:
-                with open(os.path.join(d, sec), "rb") as f:
-                    bases[sec] = int(f.read().strip(), 16)
-            except (OSError, ValueError):
+                data = read_regular(os.path.join(d, sec), SECTION_FILE_MAX)
+                bases[sec] = int((data or b"").strip(), 16)
+            except (KsymsError, ValueError):
                 continue
         bases = {k: v for k, v in bases.items() if v}
         if cache is not None and m.address:

@@ -142,3 +142,97 @@ def test_unchanged_sources_give_the_same_snapshot_object_and_any_change_a_new_on
     mods.write_text("\n")  # a module list that differs (and parses to the same nothing)
     assert take_snapshot(src, previous=b, keep_raw=True) is not b
     assert take_snapshot(src).raw == b""  # a one-off snapshot does not keep the text
+
+
+def _map_and_touch(path: Path) -> int:
+    """In a fresh child: open, fstat, map that size, touch every page. Exit status or
+    -signal (SIGBUS if the kernel's size dropped under the mapping)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            os._exit(3)
+        size = os.fstat(fd).st_size
+        mm = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ)
+        sum(mm[off] for off in range(0, size, 4096))
+        os._exit(0)
+    _, st = os.waitpid(pid, 0)
+    return -os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
+
+
+@pytest.mark.fuse
+def test_mappers_touching_every_page_survive_stat_open_churn():
+    """Root maps what fstat says and touches every page, again and again, while nobody
+    stats and opens in a tight loop (idle shrinks of the served size) and the sources flip
+    between a big and a small module set: no SIGBUS. (The issue-11 leftover: an fstat
+    answered from attributes cached within the jiffy, or a short fill shrinking i_size.)"""
+    import threading
+    import time
+    require_fuse()
+    d = Path(tempfile.mkdtemp(prefix="ksymsfs-pc-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    src = d / "src"
+    ks, mods = write_sources(src, [f"m{i}" for i in range(150)])
+    os.chmod(src, 0o755)
+    m = Mount(d / "ksyms", "--allow-other", "--kallsyms", str(ks), "--modules", str(mods))
+    stop = threading.Event()
+
+    def churn() -> None:
+        k = 0
+        while not stop.is_set():
+            k += 1
+            write_sources(src, [f"m{i}" for i in range(150 if k % 2 else 1)])
+            time.sleep(0.05)
+
+    def nobody() -> int:
+        become_nobody()
+        n, end = 0, time.monotonic() + 8
+        while time.monotonic() < end:
+            os.stat(m.path)
+            n += 1
+            if n % 5 == 0:
+                try:
+                    with open(m.path, "rb") as f:
+                        f.read(64)
+                except OSError:
+                    pass
+        return n
+    box: list = []
+    threads = [threading.Thread(target=churn),
+               threading.Thread(target=lambda: box.append(in_child(nobody)))]
+    try:
+        for t in threads:
+            t.start()
+        results = [_map_and_touch(m.path) for _ in range(60)]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        m.stop()
+        shutil.rmtree(d, ignore_errors=True)
+    assert [r for r in results if r < 0] == [] and results.count(0) > 0, results
+    assert box and box[0] > 0
+
+
+def test_section_files_that_are_fifos_are_skipped_not_waited_on(tmp_path):
+    """--sections: a FIFO (or a directory) where a /sys/module/<m>/sections file should be
+    would block a plain open() forever; it is refused, the regular files still read."""
+    import threading
+
+    from ksymsfs.sources import ModuleInfo, read_section_bases
+    secs = tmp_path / "module" / "m" / "sections"
+    secs.mkdir(parents=True)
+    (secs / ".text").write_text("0xffffffffc0001000\n")
+    os.mkfifo(secs / ".data")
+    (secs / ".bss").mkdir()
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(read_section_bases(
+        str(tmp_path / "module"), [ModuleInfo("m", 4096, "Live", 0xffffffffc0000000)])),
+        daemon=True)
+    t.start()
+    t.join(20)
+    if t.is_alive():  # unblock the reader so the test run can end
+        os.close(os.open(secs / ".data", os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("read_section_bases blocked on a FIFO")
+    assert out == [{"m": {".text": 0xffffffffc0001000}}]
