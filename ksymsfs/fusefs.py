@@ -264,6 +264,10 @@ class _PooledLibfuse:
             w.start()
         while not lib.fuse_session_exited(se) and any(w.is_alive() for w in workers):
             time.sleep(0.1)  # SIGINT/SIGTERM/SIGHUP: libfuse's handlers set "exited"
+        if self.notifier is not None:  # cached pages must not outlive us: reads then fail
+            drop = threading.Thread(target=self.notifier.inval, args=(0,), daemon=True)
+            drop.start()
+            drop.join(1)  # (it could wait for a page a queued read is filling)
         lib.fuse_session_exit(se)
         deadline = time.monotonic() + 5
         while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
