@@ -120,14 +120,16 @@ TRIM_EVERY = 5.0  # s: trimming costs a few ms each time
 
 
 def _tame_malloc(device: Device) -> None:
-    """Few malloc arenas for FUSE's worker threads; big buffers (a kallsyms read, an
+    """Few malloc arenas for FUSE's worker threads; big buffers (a kallsyms text, an
     image) always in their own mappings, so freeing them returns them to the system (a
     fixed threshold: glibc's sliding one keeps them in the heap after the first free);
-    and give freed memory back when idle: at once, or TRIM_EVERY s after the last trim."""
+    and give freed memory back when idle: at once, or TRIM_EVERY s after the last trim.
+    The threshold stays above readfile's read buffer (CHUNK): procfs answers a page per
+    read (~1,300 reads per kallsyms), and an mmap + munmap for each made opens slower."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(M_ARENA_MAX, 2)
-        libc.mallopt(M_MMAP_THRESHOLD, 256 << 10)
+        libc.mallopt(M_MMAP_THRESHOLD, 2 << 20)
     except (OSError, AttributeError):
         return
     lock = threading.Lock()
