@@ -10,6 +10,15 @@ Size: every stat, fstat, KIOCGSIZE and read agree on one *served size*: the larg
 snapshot open (or the latest built), rounded up to SIZE_BUCKET, which never shrinks while
 any open (or a mapping, which holds its open) lasts. Each open's data is its own snapshot
 followed by zeros up to that size, so nobody's mapping ever loses its last pages.
+
+Page cache: the inode has one, shared by every open. An open is served through it (no
+direct I/O) only while every open handle holds the same immutable image object (one
+snapshot, one address policy); it keeps the cached pages (FOPEN_KEEP_CACHE) only once a
+read on a handle of that *cache epoch* proves the epoch's first, invalidating open has
+finished in the kernel. An open whose image differs from one still held is direct I/O:
+its reads never touch the page cache. (An ``mmap`` always goes through the page cache:
+a direct-I/O open that maps a different snapshot while another is held shares pages with
+it, as before; policies never mix, since opens of another policy are refused.)
 """
 
 from __future__ import annotations
@@ -73,6 +82,9 @@ class Handle:
     image: bytes
     show_addresses: bool
     flushed: bool = False   # its owner closed a descriptor of it: the slot frees at RELEASE
+    direct_io: bool = True  # reads bypass the page cache (FOPEN_DIRECT_IO)
+    keep_cache: bool = False  # the open keeps the inode's cached pages (FOPEN_KEEP_CACHE)
+    epoch: int = 0          # the cache epoch it reads through (when not direct)
 
 
 class Coalescer:
@@ -152,6 +164,9 @@ class Device:
         self._snap: Snapshot | None = None      # the newest kernel state read
         self._images: dict[bool, bytes] = {}     # its images, by "shows addresses"
         self._section_cache: dict = {}
+        self._cache_image: object = None  # the image the page cache holds pages of
+        self._epoch = 0                   # bumped when _cache_image changes
+        self._confirmed = False           # an open of this epoch has read (so it invalidated)
         self._coalescer = Coalescer(self._read_sources)
         self.latest_size = 0
         self._latest_stored = 0  # memory of the last image built (estimate for the budget)
@@ -162,10 +177,11 @@ class Device:
     def _read_sources(self) -> Snapshot:
         # reads are serialized by the Coalescer, so self._snap is only replaced here
         snap = take_snapshot(self.sources, section_cache=self._section_cache,
-                             previous=self._snap)
+                             previous=self._snap, keep_raw=True)
         if snap is not self._snap:  # a new kernel state: forget the old images
             with self._lock:
                 self._snap, self._images = snap, {}
+                self._trim_cache_image()
             self.mtime = time.time()
         return snap
 
@@ -258,6 +274,7 @@ class Device:
             with self._lock:
                 self._handles[fh].image = image
                 self._served = max(self._served, served_round(len(image)))
+                self._choose_cache(fh)
             return fh
         finally:
             with self._lock:
@@ -305,7 +322,9 @@ class Device:
         with self._cond:
             held = self._held_by(tgid, show) if self.reopen == "share" else None
             if held is not None:  # same bytes, no new read, no new memory
-                return self._new_handle(tgid, held.image, show), True
+                fh = self._new_handle(tgid, held.image, show)
+                self._choose_cache(fh)
+                return fh, True
             queued = False
             try:
                 while (why := self._refusal(tgid, show)) is not None:
@@ -321,6 +340,58 @@ class Device:
                     self._priv_waiting -= 1
             return self._new_handle(tgid, b"", show), False
 
+    def _choose_cache(self, fh: int) -> None:
+        """Under the lock, once the handle has its image: page cache or direct I/O."""
+        h = self._handles[fh]
+        if any(o.image and o.image is not h.image for o in self._handles.values()):
+            h.direct_io, h.keep_cache = True, False  # another snapshot is held
+            return
+        if self._cache_image is not h.image:  # a new epoch: this open drops old pages
+            self._cache_image, self._confirmed = h.image, False
+            self._epoch += 1
+        h.direct_io, h.keep_cache, h.epoch = False, self._confirmed, self._epoch
+
+    def _trim_cache_image(self) -> None:
+        """Under the lock: forget the cache image unless a handle or the cache holds it."""
+        img = self._cache_image
+        if img is None or any(img is i for i in self._images.values()):
+            return
+        if not any(h.image is img for h in self._handles.values()):
+            self._cache_image, self._confirmed = None, False
+
+    def cache_mode(self, fh: int) -> tuple[bool, bool]:
+        """(direct_io, keep_cache) for the open's reply."""
+        h = self._handles.get(fh)
+        if h is None:
+            raise DeviceError(errno.EBADF)
+        return h.direct_io, h.keep_cache
+
+    def image_for_read(self, fh: int, fill: bool = False) -> tuple[bytes, bool]:
+        """image_of for a READ request, and whether the inode's page cache must be dropped
+        once it is answered. ``fill``: the kernel is filling the page cache (no lock owner:
+        a fault of a mapping, or readahead). A fill through a direct-I/O open means its
+        snapshot was mapped: if a page-cache open of another image is held, those pages
+        must go. A read through the page cache proves that the open which began its cache
+        epoch has finished (its invalidation is done)."""
+        h = self._handles.get(fh)
+        if h is None:
+            raise DeviceError(errno.EBADF)
+        if not h.direct_io:
+            if not self._confirmed and h.epoch == self._epoch:
+                with self._lock:
+                    if h.epoch == self._epoch and h.image is self._cache_image:
+                        self._confirmed = True
+            return h.image, False
+        if not fill:
+            return h.image, False
+        with self._lock:
+            mixed = any(not o.direct_io and o.image is not h.image
+                        for o in self._handles.values())
+            if mixed:  # no new open keeps the cache until a new epoch begins
+                self._cache_image, self._confirmed = None, False
+                self._epoch += 1
+        return h.image, mixed
+
     def image_of(self, fh: int) -> bytes:
         """The open's snapshot itself (no copy), for the adapter's zero-copy read."""
         h = self._handles.get(fh)
@@ -335,7 +406,7 @@ class Device:
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         """The open's snapshot, then zeros up to the served size."""
-        image = self.image_of(fh)
+        image = self.image_for_read(fh)[0]
         end = min(offset + size, self._served)
         if offset < 0 or offset >= end:
             return b""
@@ -365,6 +436,7 @@ class Device:
             idle = not self._handles
             if idle:  # nothing open or mapped: the served size may shrink
                 self._served = served_round(self.latest_size)
+            self._trim_cache_image()
             self._cond.notify_all()
         if idle and self.on_idle is not None:
             self.on_idle()

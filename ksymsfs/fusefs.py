@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import mmap
 import signal
 import stat
 import threading
@@ -34,9 +35,10 @@ class KsymsOperations(Operations):
 
     use_ns = True
 
-    def __init__(self, device: Device, uid: int, gid: int):
+    def __init__(self, device: Device, uid: int, gid: int, notifier: Notifier | None = None):
         self.device = device
         self.uid, self.gid = uid, gid
+        self.notifier = notifier or Notifier()
 
     def __call__(self, op: str, *args: object) -> object:
         try:
@@ -60,8 +62,16 @@ class KsymsOperations(Operations):
     def open(self, path: str, fi: fuse_file_info) -> int:
         _uid, _gid, pid = fuse_get_context()
         fi.fh = self.device.open(pid, fi.flags)
-        fi.direct_io = True   # every read reaches us with this open's handle
-        fi.keep_cache = False
+        # direct I/O (every read reaches us with this open's handle) unless every open
+        # holds this same image: then the page cache (see device's module doc)
+        fi.direct_io, fi.keep_cache = self.device.cache_mode(fi.fh)
+        # the kernel trusts attributes for the rest of the jiffy they came in (even with
+        # attr_timeout=0): an fstat right after this open could get a size answered before
+        # it (a stat by someone else, before an idle shrink), map more than we serve, and
+        # die of SIGBUS once a short read shrinks i_size. Drop them: its fstat asks us.
+        err = self.notifier.inval(-1)
+        if err:
+            log.debug("attribute invalidation at open failed: errno %d", -err)
         return 0
 
     def read(self, path: str, size: int, offset: int, fi: fuse_file_info) -> bytes:
@@ -105,21 +115,42 @@ class KsymsOperations(Operations):
         raise FuseOSError(errno.ENOTDIR)
 
 
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # mallopt parameters (glibc malloc.h)
+TRIM_EVERY = 5.0  # s: trimming costs a few ms each time
+
+
 def _tame_malloc(device: Device) -> None:
-    """Few malloc arenas for FUSE's worker threads, and give freed memory back when idle."""
+    """Few malloc arenas for FUSE's worker threads; big buffers (a kallsyms text, an
+    image) always in their own mappings, so freeing them returns them to the system (a
+    fixed threshold: glibc's sliding one keeps them in the heap after the first free);
+    and give freed memory back when idle: at once, or TRIM_EVERY s after the last trim.
+    The threshold stays above readfile's read buffer (CHUNK): procfs answers a page per
+    read (~1,300 reads per kallsyms), and an mmap + munmap for each made opens slower."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
-        last = [0.0]
-
-        def trim() -> None:  # at most every 5 s: trimming costs a few ms each time
-            now = time.monotonic()
-            if now - last[0] > 5:
-                last[0] = now
-                libc.malloc_trim(0)
-        device.on_idle = trim
+        libc.mallopt(M_ARENA_MAX, 2)
+        libc.mallopt(M_MMAP_THRESHOLD, 2 << 20)
     except (OSError, AttributeError):
-        pass
+        return
+    lock = threading.Lock()
+    state = {"last": 0.0, "timer": None}
+
+    def trim_now() -> None:
+        with lock:
+            state["last"], state["timer"] = time.monotonic(), None
+        libc.malloc_trim(0)
+
+    def trim() -> None:
+        with lock:
+            wait = state["last"] + TRIM_EVERY - time.monotonic()
+            if wait > 0:
+                if state["timer"] is None:  # one deferred trim at a time
+                    t = state["timer"] = threading.Timer(wait, trim_now)
+                    t.daemon = True
+                    t.start()
+                return
+        trim_now()
+    device.on_idle = trim
 
 
 def copy_out(buf: object, image: object, served: int, size: int, offset: int) -> int:
@@ -135,16 +166,50 @@ def copy_out(buf: object, image: object, served: int, size: int, offset: int) ->
     return n
 
 
+FUSE_ROOT_ID = 1  # the mount point itself: the only inode
+
+
+class Notifier:
+    """Kernel notifications for the mounted inode (libfuse 2.9 low-level notify calls)."""
+
+    def __init__(self) -> None:
+        self._lib = self._ch = None
+
+    def attach(self, lib: ctypes.CDLL, ch: int) -> None:
+        lib.fuse_lowlevel_notify_inval_inode.argtypes = [
+            ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int64, ctypes.c_int64]
+        self._lib, self._ch = lib, ch
+
+    def inval(self, off: int, length: int = 0) -> int:
+        """Drop cached pages from ``off`` (``length`` 0: to the end); ``off`` < 0: only the
+        cached attributes (the next stat/fstat asks us). 0, or -errno."""
+        if self._lib is None:
+            return -errno.ENOTCONN
+        return self._lib.fuse_lowlevel_notify_inval_inode(self._ch, FUSE_ROOT_ID, off, length)
+
+    def inval_pages_soon(self) -> None:
+        """inval(0) from another thread: the page being filled stays locked until our reply
+        is written, and the kernel's invalidation waits for that lock."""
+        threading.Thread(target=self.inval, args=(0,), daemon=True).start()
+
+
 class _ZeroCopyFUSE(FUSE):
     """fusepy's read copies twice (slice, then memmove); copy once, GIL released."""
 
     def read(self, path: bytes, buf: int, size: int, offset: int, fip: object) -> int:
         dev = self.operations.device
-        try:
-            image = dev.image_of(fip.contents.fh)
+        fi = fip.contents
+        try:  # no lock owner: the kernel fills its page cache (readahead, a mapping)
+            image, drop = dev.image_for_read(fi.fh, fill=not fi.lock_owner)
         except KsymsError as e:
             return -e.errno
-        return copy_out(buf, image, dev.served_size, size, offset)
+        # a fill is never short (zeros past the end, as the image's are): a short fill
+        # makes the kernel shrink i_size (fuse_short_read), and a mapping dies of SIGBUS
+        served = max(dev.served_size, offset + size) if not fi.lock_owner else dev.served_size
+        n = copy_out(buf, image, served, size, offset)
+        if drop:  # a direct open's mapping filled pages others read through the cache
+            self.operations.notifier.inval_pages_soon()
+        return n
 
 
 class _FuseBuf(ctypes.Structure):
@@ -162,8 +227,8 @@ class _PooledLibfuse:
     (what fuse_session_loop does), so the daemon never runs more.
     """
 
-    def __init__(self, lib: ctypes.CDLL, threads: int):
-        self._lib, self.threads = lib, threads
+    def __init__(self, lib: ctypes.CDLL, threads: int, notifier: Notifier | None = None):
+        self._lib, self.threads, self.notifier = lib, threads, notifier
         lib.fuse_setup.restype = ctypes.c_void_p
         lib.fuse_setup.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_size_t, ctypes.POINTER(ctypes.c_char_p),
@@ -192,6 +257,8 @@ class _PooledLibfuse:
             return 1
         se = lib.fuse_get_session(f)
         ch = lib.fuse_session_next_chan(se, None)
+        if self.notifier is not None:
+            self.notifier.attach(lib, ch)
         signal.signal(signal.SIGUSR1, lambda *_: None)  # only to interrupt a worker's read
         workers = [threading.Thread(target=self._work, args=(se, ch), daemon=True,
                                     name=f"fuse-{i}") for i in range(self.threads)]
@@ -199,6 +266,10 @@ class _PooledLibfuse:
             w.start()
         while not lib.fuse_session_exited(se) and any(w.is_alive() for w in workers):
             time.sleep(0.1)  # SIGINT/SIGTERM/SIGHUP: libfuse's handlers set "exited"
+        if self.notifier is not None:  # cached pages must not outlive us: reads then fail
+            drop = threading.Thread(target=self.notifier.inval, args=(0,), daemon=True)
+            drop.start()
+            drop.join(1)  # (it could wait for a page a queued read is filling)
         lib.fuse_session_exit(se)
         deadline = time.monotonic() + 5
         while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
@@ -212,9 +283,12 @@ class _PooledLibfuse:
     def _work(self, se: int, ch: int) -> None:
         lib = self._lib
         size = lib.fuse_chan_bufsize(ch)
-        buf = ctypes.create_string_buffer(size)
+        # an anonymous mapping: its pages cost memory only once a request touches them
+        # (most requests are small; a zeroed ctypes buffer would cost 132 KB per thread)
+        buf = mmap.mmap(-1, size)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         while not lib.fuse_session_exited(se):
-            fbuf = _FuseBuf(size, 0, ctypes.addressof(buf), -1, 0)
+            fbuf = _FuseBuf(size, 0, addr, -1, 0)
             tmpch = ctypes.c_void_p(ch)
             res = lib.fuse_session_receive_buf(se, ctypes.byref(fbuf), ctypes.byref(tmpch))
             if res == -errno.EINTR:
@@ -234,9 +308,10 @@ def serve(device: Device, mountpoint: str, *, allow_other: bool = False, debug: 
     # a fixed pool: every open beyond --max-pending fails at once, so a few more threads
     # than that always remain for reads, flushes and releases
     lib = fuse_module._libfuse
-    fuse_module._libfuse = _PooledLibfuse(lib, device.max_pending + 4)
+    notifier = Notifier()
+    fuse_module._libfuse = _PooledLibfuse(lib, device.max_pending + 4, notifier)
     try:
-        _ZeroCopyFUSE(KsymsOperations(device, uid, gid), mountpoint, raw_fi=True,
+        _ZeroCopyFUSE(KsymsOperations(device, uid, gid, notifier), mountpoint, raw_fi=True,
                       foreground=True, debug=debug, nothreads=False, ro=True,
                       default_permissions=True, fsname="ksymsfs", subtype="ksymsfs",
                       attr_timeout=0, entry_timeout=0, negative_timeout=0, **opts)

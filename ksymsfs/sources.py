@@ -8,13 +8,14 @@ import os
 from dataclasses import dataclass, field
 
 from . import consistency
-from .errors import ParseError, SnapshotError
+from .errors import KsymsError, ParseError, SnapshotError
 from .kallsyms import SymbolTable, is_pseudo_module, parse_kallsyms
 from .notes import Notes, read_notes
 from .readfile import DEFAULT_MAX_READ, read_regular
 
 log = logging.getLogger(__name__)
 SNAPSHOT_TRIES = 3  # FreeBSD ksyms gives up with ENXIO after this many unclean tries
+SECTION_FILE_MAX = 64  # a /sys/module/<m>/sections/<sec> file is "0x%px\n"
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,11 @@ def read_section_bases(sysmodule: str, modules: list[ModuleInfo],
             entries = os.listdir(d)
         except OSError:
             entries = []
-        for sec in entries:
+        for sec in entries:  # never blocks on a FIFO; anything but a regular file refused
             try:
-                with open(os.path.join(d, sec), "rb") as f:
-                    bases[sec] = int(f.read().strip(), 16)
-            except (OSError, ValueError):
+                data = read_regular(os.path.join(d, sec), SECTION_FILE_MAX)
+                bases[sec] = int((data or b"").strip(), 16)
+            except (KsymsError, ValueError):
                 continue
         bases = {k: v for k, v in bases.items() if v}
         if cache is not None and m.address:
@@ -119,9 +120,22 @@ class Snapshot:
     modules: list[ModuleInfo] | None
     section_bases: dict[str, dict[str, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    digest: bytes = b""  # SHA-256 of the bytes read, to spot "nothing changed"
+    raw: bytes = b""     # the kallsyms text read: the next reading equal to it (and to
+    raw_modules: bytes | None = None  # the module list) is this same kernel state
     notes: Notes | None = None  # the kernel's and modules' ELF notes (build-ids)
     tries: int = 1       # readings it took (the others were unclean)
+
+    def same_reading(self, kdata: bytes, mdata: bytes | None) -> bool:
+        """The sources read exactly these bytes (a memcmp: exact, unlike a hash alone)."""
+        return self.raw_modules == mdata and self.raw == kdata
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 of the bytes read (for logs and tests; identity uses same_reading)."""
+        h = hashlib.sha256(self.raw)
+        h.update(b"\0modules\0" + (self.raw_modules if self.raw_modules is not None
+                                     else b"\xff"))
+        return h.digest()
 
     @property
     def all_zero(self) -> bool:
@@ -148,14 +162,16 @@ def _read_modules(src: Sources) -> bytes | None:
 
 def take_snapshot(src: Sources,
                   section_cache: dict | None = None,
-                  previous: Snapshot | None = None) -> Snapshot:
+                  previous: Snapshot | None = None, keep_raw: bool = False) -> Snapshot:
     """Read signals, modules, kallsyms, modules, signals; retry while anything moved, then ENXIO.
 
     Clean means: both module lists equal, the signals (uevent seqnum, eBPF program ids)
     did not move, and the text has one state's shape (consistency.shape_problem) with
     only listed programs' ``[bpf]`` lines (consistency.bpf_lines_problem). If the
-    bytes read hash to ``previous.digest``, ``previous`` itself is returned: nothing
-    changed, so its parsed table (and any image built from it) is still exact.
+    bytes read equal ``previous``'s (Snapshot.same_reading), ``previous`` itself is
+    returned: nothing changed, so its parsed table (and any image built from it) is still
+    exact. ``keep_raw``: the snapshot keeps the bytes read for that comparison (the device
+    does; a one-off dump frees them before its build).
     """
     why = ""
     for tries in range(1, SNAPSHOT_TRIES + 1):
@@ -169,8 +185,7 @@ def take_snapshot(src: Sources,
             why = f"{src.modules} changed while {src.kallsyms} was read"
         if why:
             continue
-        digest = _digest(kdata, m1)
-        if previous is not None and previous.digest == digest:
+        if previous is not None and previous.same_reading(kdata, m1):
             return previous
         table = parse_kallsyms(kdata, src.kallsyms, lenient=src.lenient)
         mods = None if m1 is None else parse_modules(m1, src.modules or "")
@@ -183,17 +198,12 @@ def take_snapshot(src: Sources,
         bases = {}
         if src.sections and mods:
             bases = read_section_bases(src.sections, mods, section_cache)
-        del kdata  # only the parsed table is kept
         notes, nwarn = read_notes(src.notes, src.sections, [m.name for m in mods or []],
                                   strict=src.notes_strict)
-        return Snapshot(table, mods, bases, warnings + nwarn, digest, notes, tries)
+        raw = (kdata, m1) if keep_raw else (b"", None)
+        del kdata
+        return Snapshot(table, mods, bases, warnings + nwarn, *raw, notes, tries)
     raise SnapshotError(f"no consistent snapshot after {SNAPSHOT_TRIES} tries: {why}")
-
-
-def _digest(kdata: bytes, mdata: bytes | None) -> bytes:
-    h = hashlib.sha256(kdata)
-    h.update(b"\0modules\0" + (mdata if mdata is not None else b"\xff"))
-    return h.digest()
 
 
 def _cross_check(table: SymbolTable, mods: list[ModuleInfo] | None, src: Sources) -> list[str]:

@@ -63,7 +63,12 @@ def test_bench_fuse_sections(bench_fuse_json):
         assert t["same_output"] is True          # the mount and the local copy agree
         _positive(t, "mount_s", "local_s", "ratio", "floor_s", "captured_mount_s",
                   "captured_ratio")
+    small = bench_fuse_json["tools"]["small_reads"]
+    assert small["symbols"] > 0
+    _positive(small, "mount_s", "local_s", "ratio")
     conc = bench_fuse_json["concurrency"]
+    assert conc["daemon_idle_rss"] > 0
+    assert conc["captured"][-1]["vs_local"] > 0
     assert [lv["processes"] for lv in conc["levels"]] == [1, 4]
     assert all(lv["all_ok"] and not lv["errors"] for lv in conc["levels"])
     assert [c["processes"] for c in conc["captured"]] == [1, 4]
@@ -76,8 +81,9 @@ def test_bench_sections_present(bench_json):
         assert key in bench_json
     assert bench_json["meta"]["quick"] is True
     assert bench_json["meta"]["repeat"] >= 1
-    # the FUSE sections say why they were skipped
+    # the FUSE sections say why they were skipped; so does the VM guest row without figures
     assert bench_json["tools"]["skipped"]
+    assert bench_json["live"]["vm_guest"]["skipped"]
     assert bench_json["concurrency"]["skipped"]
 
 
@@ -116,6 +122,16 @@ def test_bench_checks(bench_json):
         assert set(c) >= {"name", "value", "target", "passed"}
         assert c["passed"] in (True, False, None)
         assert c["target"] >= 0
+
+
+def test_bench_reports_vm_guest_figures(tmp_path):
+    vm = tmp_path / "vm.json"
+    vm.write_text(json.dumps({"guest_open_read_s": 0.6, "guest_cat_s": 0.4}))
+    data, stdout = _run_bench(tmp_path / "b.json", "--no-fuse", "--sizes", "3000,10000",
+                              "--vm-json", str(vm), timeout=55)
+    g = data["live"]["vm_guest"]
+    assert g["skipped"] is None and abs(g["ratio"] - 1.5) < 1e-9
+    assert "VM guest: cat MOUNT" in stdout
 
 
 def test_generator_is_realistic_and_deterministic():

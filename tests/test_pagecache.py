@@ -1,0 +1,238 @@
+"""Reads through the kernel's page cache only while every open holds one image; exact bytes
+for every open when snapshots or address policies differ (device decisions and real mounts)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from ksymsfs import parse_image
+from ksymsfs.device import Device
+from ksymsfs.sources import Sources
+from tests.fuse_harness import Mount, require_fuse, write_sources
+from tests.test_policy import KS, fake_proc
+from tests.test_security import become_nobody, in_child
+
+
+def _dev(tmp_path: Path) -> tuple[Device, Path, Path]:
+    ks = tmp_path / "kallsyms"
+    ks.write_text(KS)
+    proc = tmp_path / "proc"
+    for pid in (11, 12, 13, 14, 15):
+        fake_proc(proc, pid, pid, 0, 1 << 34)
+    return Device(Sources(str(ks), None), procfs=str(proc)), ks, proc
+
+
+def test_cache_only_while_every_open_holds_one_image(tmp_path):
+    dev, ks, _ = _dev(tmp_path)
+    a = dev.open(11, os.O_RDONLY)
+    assert dev.cache_mode(a) == (False, False)  # page cache; drops whatever was cached
+    b = dev.open(12, os.O_RDONLY)
+    assert dev.image_of(b) is dev.image_of(a)
+    assert dev.cache_mode(b) == (False, False)  # a has not read yet: not proven invalidated
+    dev.image_for_read(a)
+    c = dev.open(13, os.O_RDONLY)
+    assert dev.cache_mode(c) == (False, True)   # same image, epoch proven: keep the pages
+    ks.write_text(KS + "ffffffff82000000 T late\n")  # the kernel moved on
+    d = dev.open(14, os.O_RDONLY)
+    assert dev.image_of(d) is not dev.image_of(a)
+    assert dev.cache_mode(d) == (True, False)   # another snapshot is held: direct I/O
+    assert dev.image_for_read(d) == (dev.image_of(d), False)  # its own direct reads
+    image, drop = dev.image_for_read(d, fill=True)  # d was mapped: its pages enter the cache
+    assert image is dev.image_of(d) and drop   # the cached opens' pages must go
+    for fh in (a, b, c):
+        dev.release(fh)
+    e = dev.open(15, os.O_RDONLY)               # only d's image is held now
+    assert dev.image_of(e) is dev.image_of(d)
+    assert dev.cache_mode(e) == (False, False)  # a new epoch, which drops the old pages
+    assert dev.image_for_read(d, fill=True) == (dev.image_of(d), False)  # same image
+    dev.release(d)
+    dev.release(e)
+    assert dev.open_count() == 0
+
+
+def test_cache_epoch_never_survives_a_new_snapshot_or_policy(tmp_path):
+    dev, ks, proc = _dev(tmp_path)
+    fake_proc(proc, 21, 21, 65534, 0)
+    a = dev.open(11, os.O_RDONLY)
+    first, _ = dev.image_for_read(a)
+    dev.release(a)
+    b = dev.open(12, os.O_RDONLY)  # nothing changed: the same image, its pages still good
+    assert dev.image_of(b) is first and dev.cache_mode(b) == (False, True)
+    dev.release(b)
+    c = dev.open(21, os.O_RDONLY)  # another policy: another image, a fresh epoch
+    assert dev.cache_mode(c) == (False, False)
+    dev.image_for_read(c)
+    dev.release(c)
+    ks.write_text(KS + "ffffffff82000000 T late\n")
+    d = dev.open(13, os.O_RDONLY)
+    assert dev.cache_mode(d) == (False, False)
+    dev.release(d)
+
+
+def _read_and_map(fd: int) -> tuple[bytes, bytes]:
+    data = os.pread(fd, 1 << 28, 0)
+    mm = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_PRIVATE, mmap.PROT_READ)
+    try:
+        return data, bytes(mm)
+    finally:
+        mm.close()
+
+
+@pytest.mark.fuse
+def test_cached_and_direct_snapshots_alive_at_once(tmp_path):
+    """One open reads (and maps) through the page cache; the sources change; another
+    process opens the new snapshot (direct I/O), reads and maps it: each sees only its own
+    bytes, also when the first reads and maps again afterwards."""
+    require_fuse()
+    src = tmp_path / "src"
+    ks, mods = write_sources(src, [f"m{i}" for i in range(150)])
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+    try:
+        fd = os.open(m.path, os.O_RDONLY)
+        old, old_map = _read_and_map(fd)
+        assert old == old_map and "m149" in parse_image(old).modules
+        write_sources(src, ["alpha"])
+        new, new_map = in_child(lambda: _read_and_map(os.open(m.path, os.O_RDONLY)))
+        assert new == new_map and "m149" not in parse_image(new).modules
+        again, again_map = _read_and_map(fd)
+        assert again == old and again_map == old
+        os.close(fd)
+    finally:
+        m.stop()
+
+
+@pytest.mark.fuse
+def test_cached_pages_of_root_never_reach_nobody():
+    """Root reads the real image through the page cache and closes; nobody's open (another
+    image, a new epoch) drops those pages: nobody reads and maps only zeros."""
+    require_fuse()
+    d = Path(tempfile.mkdtemp(prefix="ksymsfs-pc-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    m = Mount(d / "ksyms", "--allow-other")
+    try:
+        with open(m.path, "rb") as f:
+            real = f.read()
+        assert parse_image(real).syms["st_value"].any()
+        _, (data, mapped) = in_child(lambda: (become_nobody(),
+                                              _read_and_map(os.open(m.path, os.O_RDONLY))))
+        assert data == mapped and not parse_image(data).syms["st_value"].any()
+    finally:
+        m.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_unchanged_sources_give_the_same_snapshot_object_and_any_change_a_new_one(tmp_path):
+    """Snapshot identity is exact (bytes equality): one changed byte, same length, is seen."""
+    from ksymsfs.sources import take_snapshot
+    ks, mods = tmp_path / "kallsyms", tmp_path / "modules"
+    ks.write_text(KS)
+    mods.write_text("")
+    src = Sources(str(ks), str(mods))
+    a = take_snapshot(src, keep_raw=True)
+    assert take_snapshot(src, previous=a, keep_raw=True) is a
+    ks.write_text(KS.replace(" T f7\n", " t f7\n"))  # same length, one letter
+    b = take_snapshot(src, previous=a, keep_raw=True)
+    assert b is not a and len(b.raw) == len(a.raw)
+    mods.write_text("\n")  # a module list that differs (and parses to the same nothing)
+    assert take_snapshot(src, previous=b, keep_raw=True) is not b
+    assert take_snapshot(src).raw == b""  # a one-off snapshot does not keep the text
+
+
+def _map_and_touch(path: Path) -> int:
+    """In a fresh child: open, fstat, map that size, touch every page. Exit status or
+    -signal (SIGBUS if the kernel's size dropped under the mapping)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            os._exit(3)
+        size = os.fstat(fd).st_size
+        mm = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ)
+        sum(mm[off] for off in range(0, size, 4096))
+        os._exit(0)
+    _, st = os.waitpid(pid, 0)
+    return -os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
+
+
+@pytest.mark.fuse
+def test_mappers_touching_every_page_survive_stat_open_churn():
+    """Root maps what fstat says and touches every page, again and again, while nobody
+    stats and opens in a tight loop (idle shrinks of the served size) and the sources flip
+    between a big and a small module set: no SIGBUS. (The issue-11 leftover: an fstat
+    answered from attributes cached within the jiffy, or a short fill shrinking i_size.)"""
+    import threading
+    import time
+    require_fuse()
+    d = Path(tempfile.mkdtemp(prefix="ksymsfs-pc-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    src = d / "src"
+    ks, mods = write_sources(src, [f"m{i}" for i in range(150)])
+    os.chmod(src, 0o755)
+    m = Mount(d / "ksyms", "--allow-other", "--kallsyms", str(ks), "--modules", str(mods))
+    stop = threading.Event()
+
+    def churn() -> None:
+        k = 0
+        while not stop.is_set():
+            k += 1
+            write_sources(src, [f"m{i}" for i in range(150 if k % 2 else 1)])
+            time.sleep(0.05)
+
+    def nobody() -> int:
+        become_nobody()
+        n, end = 0, time.monotonic() + 8
+        while time.monotonic() < end:
+            os.stat(m.path)
+            n += 1
+            if n % 5 == 0:
+                try:
+                    with open(m.path, "rb") as f:
+                        f.read(64)
+                except OSError:
+                    pass
+        return n
+    box: list = []
+    threads = [threading.Thread(target=churn),
+               threading.Thread(target=lambda: box.append(in_child(nobody)))]
+    try:
+        for t in threads:
+            t.start()
+        results = [_map_and_touch(m.path) for _ in range(60)]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        m.stop()
+        shutil.rmtree(d, ignore_errors=True)
+    assert [r for r in results if r < 0] == [] and results.count(0) > 0, results
+    assert box and box[0] > 0
+
+
+def test_section_files_that_are_fifos_are_skipped_not_waited_on(tmp_path):
+    """--sections: a FIFO (or a directory) where a /sys/module/<m>/sections file should be
+    would block a plain open() forever; it is refused, the regular files still read."""
+    import threading
+
+    from ksymsfs.sources import ModuleInfo, read_section_bases
+    secs = tmp_path / "module" / "m" / "sections"
+    secs.mkdir(parents=True)
+    (secs / ".text").write_text("0xffffffffc0001000\n")
+    os.mkfifo(secs / ".data")
+    (secs / ".bss").mkdir()
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(read_section_bases(
+        str(tmp_path / "module"), [ModuleInfo("m", 4096, "Live", 0xffffffffc0000000)])),
+        daemon=True)
+    t.start()
+    t.join(20)
+    if t.is_alive():  # unblock the reader so the test run can end
+        os.close(os.open(secs / ".data", os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("read_section_bases blocked on a FIFO")
+    assert out == [{"m": {".text": 0xffffffffc0001000}}]
