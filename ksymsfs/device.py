@@ -106,7 +106,7 @@ class Coalescer:
         with self._cond:
             need = self._started + 1
             while True:
-                if self._done >= need:
+                if self._done >= need and self._result is not None:
                     res = self._result
                     break
                 if not self._building:
@@ -128,6 +128,12 @@ class Coalescer:
         if kind == "err":
             raise val
         return val
+
+    def forget(self) -> None:
+        """Drop the last result (idle memory); a caller then always starts a new read."""
+        with self._cond:
+            if not self._building:
+                self._result = None
 
 
 class Device:
@@ -172,6 +178,7 @@ class Device:
         self._latest_stored = 0  # memory of the last image built (estimate for the budget)
         self.mtime = time.time()
         self.on_idle = None  # called when the last open snapshot is released
+        self._idle_since: float | None = time.monotonic()  # nothing open since then
 
     # -- snapshots -------------------------------------------------------------------
     def _read_sources(self) -> Snapshot:
@@ -311,6 +318,7 @@ class Device:
         fh = self._next_fh
         self._next_fh += 1
         self._by_tgid.setdefault(tgid, []).append(fh)  # a racing thread of ours: EBUSY
+        self._idle_since = None
         self._handles[fh] = Handle(tgid, image, show)
         return fh
 
@@ -436,10 +444,26 @@ class Device:
             idle = not self._handles
             if idle:  # nothing open or mapped: the served size may shrink
                 self._served = served_round(self.latest_size)
+                self._idle_since = time.monotonic()
             self._trim_cache_image()
             self._cond.notify_all()
         if idle and self.on_idle is not None:
             self.on_idle()
+
+    def forget_idle(self, min_idle: float) -> float | None:
+        """After ``min_idle`` s with nothing open, drop the kept kernel state and images
+        (the next open reads and builds afresh): an idle daemon holds only its code.
+        Returns the seconds still to wait, or None (dropped, or something is open)."""
+        with self._lock:
+            if self._handles or self._pending or self._idle_since is None:
+                return None
+            left = self._idle_since + min_idle - time.monotonic()
+            if left > 0:
+                return left
+            self._snap, self._images = None, {}
+            self._cache_image, self._confirmed = None, False
+        self._coalescer.forget()
+        return None
 
     def size_for(self, tid: int = 0) -> int:
         """stat size: the served size, the same for every caller."""

@@ -117,6 +117,7 @@ class KsymsOperations(Operations):
 
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # mallopt parameters (glibc malloc.h)
 TRIM_EVERY = 5.0  # s: trimming costs a few ms each time
+IDLE_FORGET = 5.0  # s with nothing open before the kept snapshot and images are dropped
 
 
 def _tame_malloc(device: Device) -> None:
@@ -133,15 +134,32 @@ def _tame_malloc(device: Device) -> None:
     except (OSError, AttributeError):
         return
     lock = threading.Lock()
-    state = {"last": 0.0, "timer": None}
+    state = {"last": 0.0, "timer": None, "forget": None}
 
     def trim_now() -> None:
         with lock:
             state["last"], state["timer"] = time.monotonic(), None
         libc.malloc_trim(0)
 
+    def forget(wait: float) -> None:  # under lock: one idle-forget timer at a time
+        if state["forget"] is None:
+            t = state["forget"] = threading.Timer(wait, forget_now)
+            t.daemon = True
+            t.start()
+
+    def forget_now() -> None:
+        left = device.forget_idle(IDLE_FORGET)
+        with lock:
+            state["forget"] = None
+            if left is not None:  # opened and closed again meanwhile: wait the rest
+                forget(left)
+                return
+        if not device.open_count():
+            trim_now()
+
     def trim() -> None:
         with lock:
+            forget(IDLE_FORGET)
             wait = state["last"] + TRIM_EVERY - time.monotonic()
             if wait > 0:
                 if state["timer"] is None:  # one deferred trim at a time

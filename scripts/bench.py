@@ -719,8 +719,9 @@ def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str,
 
 
 def idle_rss(pid: int) -> int:
-    """The daemon's RSS between opens: after its deferred idle trim (fusefs.TRIM_EVERY)."""
-    time.sleep(6)
+    """The daemon's RSS between opens: after it forgot its kept snapshot and trimmed
+    (fusefs.IDLE_FORGET, TRIM_EVERY)."""
+    time.sleep(7)
     return proc_status(pid, "VmRSS") or 0
 
 

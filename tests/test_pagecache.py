@@ -236,3 +236,30 @@ def test_section_files_that_are_fifos_are_skipped_not_waited_on(tmp_path):
         os.close(os.open(secs / ".data", os.O_WRONLY | os.O_NONBLOCK))
         pytest.fail("read_section_bases blocked on a FIFO")
     assert out == [{"m": {".text": 0xffffffffc0001000}}]
+
+
+def test_idle_device_forgets_its_snapshot_and_rebuilds_exactly(tmp_path):
+    """After ``min_idle`` s with nothing open the device keeps no kernel state and no image
+    (idle memory); never while an open lasts or sooner; the next open reads afresh, and the
+    page cache gets a new epoch (the reply drops any cached pages)."""
+    dev, ks, _ = _dev(tmp_path)
+    a = dev.open(11, os.O_RDONLY)
+    first = dev.image_of(a)
+    dev.image_for_read(a)
+    assert dev.forget_idle(0) is None and dev._snap is not None  # open: kept
+    dev.release(a)
+    assert 0 < dev.forget_idle(3600) <= 3600  # idle, but not for long enough
+    assert dev._snap is not None
+    assert dev.forget_idle(0) is None
+    assert dev._snap is None and not dev._images and dev._cache_image is None
+    assert dev._coalescer._result is None
+    b = dev.open(12, os.O_RDONLY)
+    again = dev.image_of(b)
+    assert again is not first and bytes(again) == bytes(first)  # read and built afresh
+    assert dev.cache_mode(b) == (False, False)
+    dev.release(b)
+    ks.write_text(KS + "ffffffff82000000 T late\n")
+    dev.forget_idle(0)
+    c = dev.open(13, os.O_RDONLY)
+    assert len(parse_image(bytes(dev.image_of(c)))) == 101
+    dev.release(c)
