@@ -292,6 +292,22 @@ def policy_checks(m: Mounted) -> None:
     RES.check("unprivileged_gets_zeros", nobody and not nobody[0]["image_shows"], nobody)
 
 
+def profile_one_open(path: str) -> None:
+    """cProfile of one open through the mount and one direct snapshot -> OUT/profile.txt."""
+    import cProfile
+    import io
+    import pstats
+    out = io.StringIO()
+    for what, fn in (("mount open + symbol parts", lambda: churn.take(path, True)),
+                     ("direct snapshot", lambda: churn.take(path, False))):
+        prof = cProfile.Profile()
+        t = time.monotonic()
+        prof.runcall(fn)
+        out.write(f"== {what}: {time.monotonic() - t:.2f} s\n")
+        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
+    (OUT / "profile.txt").write_text(out.getvalue())
+
+
 def main() -> int:
     t0 = time.monotonic()
     RES.figure("kernel", os.uname().release)
@@ -307,6 +323,8 @@ def main() -> int:
             held_fd_checks(m)
             policy_checks(m)
         ko.function_tracer(False)   # everything runs ~10x slower while it traces
+        if CONFIG.get("profile"):
+            step("profile")(profile_one_open)(m.path)
         churn.run_all(RES, m.path, MODROOT, CONFIG.get("churn", "ci"), step)
     finally:
         m.close()

@@ -3,7 +3,6 @@ image (its .symtab/.strtab/.ksyms.* only: never the zeros of the address section
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 from collections import Counter
@@ -84,13 +83,16 @@ def from_table(table, modules: list[str] | None = None) -> Syms:
 
 
 def _names(strtab: bytes, offs: np.ndarray) -> list[bytes]:
-    """Names at ``offs``: one split when the table is the names in this order, else slices."""
-    names = strtab[1:-1].split(b"\0") if len(strtab) > 1 else []
-    if len(names) == len(offs):
-        lens = np.fromiter(map(len, names), np.int64, len(names))
-        start = np.concatenate(([1], 1 + np.cumsum(lens + 1)[:-1])) if len(lens) else lens
-        if np.array_equal(start, offs):
-            return names
+    """Names at ``offs``: one split when the table is exactly the names in this order (its
+    only NULs are the leading one and one after each name, and each strictly increasing
+    offset follows a NUL), else one slice per symbol."""
+    tab = np.frombuffer(strtab, np.uint8)
+    offs = offs.astype(np.int64)
+    if (len(tab) and tab[0] == 0 and tab[-1] == 0
+            and len(tab) - np.count_nonzero(tab) == len(offs) + 1
+            and (len(offs) == 0 or (offs[0] >= 1 and bool((np.diff(offs) > 0).all())
+                                    and not tab[offs - 1].any()))):
+        return strtab[1:-1].split(b"\0") if len(offs) else []
     return [strtab[o:strtab.index(b"\0", o)] for o in offs.tolist()]
 
 
@@ -104,9 +106,9 @@ def _pread(fd: int, n: int, off: int) -> bytes:
     return bytes(out)
 
 
-def from_image(path: str) -> tuple[bytes, Syms]:
-    """(digest of the parts read, symbols) of one open of ``path``: ELF header, section
-    headers, .symtab, its strings, .ksyms.info and .ksyms.modules, each read with pread."""
+def from_image(path: str) -> Syms:
+    """The symbols of one open of ``path``: its ELF header, section headers, .symtab, its
+    strings, .ksyms.info and .ksyms.modules, each read with pread (nothing else)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         ident = _pread(fd, 16, 0)
@@ -135,8 +137,7 @@ def from_image(path: str) -> tuple[bytes, Syms]:
     modtab = raw[3]
     ids = np.array([mod_id(modtab[o:modtab.index(b"\0", o)].decode("utf-8", "surrogateescape"))
                     for o in modoff.tolist()], np.uint32)
-    digest = hashlib.sha256(b"".join(raw)).digest()
-    return digest, Syms(syms["st_value"][kallsyms_order].astype(np.uint64),
+    return Syms(syms["st_value"][kallsyms_order].astype(np.uint64),
                         (words[kallsyms_order] & 0xFF).astype(np.uint8),
                         np.take(ids, inverse.reshape(-1)),
                         _names(raw[1], syms["st_name"][kallsyms_order].astype(np.int64)))

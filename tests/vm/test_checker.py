@@ -9,6 +9,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ksymsfs.kallsyms import parse_kallsyms
@@ -45,7 +46,7 @@ def served(tmp_path: Path, lines: list[str], modules: list[str], how: str) -> im
         img.write_to(fd)
     finally:
         os.close(fd)
-    return im.from_image(str(path))[1]
+    return im.from_image(str(path))
 
 
 @functools.cache
@@ -153,3 +154,12 @@ def test_image_reader_reads_only_symbol_parts(tmp_path) -> None:
     """from_image gives exactly the lines of the dump (names, letters, modules, order)."""
     s = served(tmp_path, LINES, MODULES, "image")
     assert s.key() == im.from_lines(LINES).key()
+
+
+def test_names_without_the_canonical_string_table() -> None:
+    """A string table that is not one name per symbol in order is read name by name."""
+    tab = b"\0b\0a\0ab\0"
+    assert im._names(tab, np.array([1, 3, 5])) == [b"b", b"a", b"ab"]
+    assert im._names(tab, np.array([3, 1, 5])) == [b"a", b"b", b"ab"]
+    assert im._names(tab, np.array([1, 6, 5])) == [b"b", b"b", b"ab"]
+    assert im._names(tab, np.array([1, 3])) == [b"b", b"a"]
