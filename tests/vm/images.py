@@ -111,23 +111,30 @@ def from_image(path: str) -> Syms:
     strings, .ksyms.info and .ksyms.modules, each read with pread (nothing else)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        ident = _pread(fd, 16, 0)
-        cls, order = ident[4], ident[5]
-        eh = np.frombuffer(_pread(fd, ehdr_dtype(cls, order).itemsize, 0),
-                           ehdr_dtype(cls, order))[0]
-        sh_t = shdr_dtype(cls, order)
-        sh = np.frombuffer(_pread(fd, int(eh["e_shnum"]) * sh_t.itemsize, int(eh["e_shoff"])),
-                           sh_t)
-
-        def part(i: int) -> bytes:
-            return _pread(fd, int(sh[i]["sh_size"]), int(sh[i]["sh_offset"]))
-        shstr = part(int(eh["e_shstrndx"]))
-        secnames = [shstr[o:shstr.index(b"\0", o)].decode() for o in sh["sh_name"].tolist()]
-        st = int(np.flatnonzero(sh["sh_type"] == SHT_SYMTAB)[0])
-        raw = [part(st), part(int(sh[st]["sh_link"])), part(secnames.index(INFO_SECTION)),
-               part(secnames.index(MODULES_SECTION))]
+        return _parse(lambda n, off: _pread(fd, n, off))
     finally:
         os.close(fd)
+
+
+def from_bytes(data: bytes) -> Syms:
+    """The symbols of an image held in memory (same parts as from_image)."""
+    return _parse(lambda n, off: data[off:off + n])
+
+
+def _parse(read) -> Syms:
+    ident = read(16, 0)
+    cls, order = ident[4], ident[5]
+    eh = np.frombuffer(read(ehdr_dtype(cls, order).itemsize, 0), ehdr_dtype(cls, order))[0]
+    sh_t = shdr_dtype(cls, order)
+    sh = np.frombuffer(read(int(eh["e_shnum"]) * sh_t.itemsize, int(eh["e_shoff"])), sh_t)
+
+    def part(i: int) -> bytes:
+        return read(int(sh[i]["sh_size"]), int(sh[i]["sh_offset"]))
+    shstr = part(int(eh["e_shstrndx"]))
+    secnames = [shstr[o:shstr.index(b"\0", o)].decode() for o in sh["sh_name"].tolist()]
+    st = int(np.flatnonzero(sh["sh_type"] == SHT_SYMTAB)[0])
+    raw = [part(st), part(int(sh[st]["sh_link"])), part(secnames.index(INFO_SECTION)),
+           part(secnames.index(MODULES_SECTION))]
     syms = np.frombuffer(raw[0], sym_dtype(cls, order))[1:]
     words = np.frombuffer(raw[2], word_dtype(order))[1:]
     if len(words) != len(syms):
