@@ -198,7 +198,8 @@ def boot_once(k: Kernel, out: Path, accel: str, timeout: float, alive_s: float |
 
 
 def boot(out: Path, churn: str = "ci", timeout: float = 600.0,
-         accel: str | None = None, capture: bool = False, churn_only: bool = False) -> dict:
+         accel: str | None = None, capture: bool = False, churn_only: bool = False,
+         profile: bool = False) -> dict:
     """Prepare (cached), boot the scenario once, return the guest's results.json."""
     k = prepare()
     out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +209,8 @@ def boot(out: Path, churn: str = "ci", timeout: float = 600.0,
                                                  "modroot": str(k.modroot),
                                                  "version": k.version,
                                                  "capture": capture,
-                                                 "churn_only": churn_only}))
+                                                 "churn_only": churn_only,
+                                                 "profile": profile}))
     accel = accel or os.environ.get("KSYMSFS_VM_ACCEL") or "auto"
     state = "dead"
     if accel in ("auto", "kvm") and kvm_usable():
@@ -231,12 +233,14 @@ def main() -> int:
     ap.add_argument("--churn-only", action="store_true", help="skip the fidelity checks")
     ap.add_argument("--out", type=Path, default=CACHE / "out")
     ap.add_argument("--timeout", type=float, default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="also cProfile one open in the guest -> OUT/profile.txt")
     ap.add_argument("--capture", action="store_true",
                     help="also copy kallsyms, modules, /sys/module/*/sections to OUT/dump")
     a = ap.parse_args()
     t = time.monotonic()
     res = boot(a.out, a.churn, a.timeout or TIMEOUT_S[a.churn], capture=a.capture,
-               churn_only=a.churn_only)
+               churn_only=a.churn_only, profile=a.profile)
     bad = [n for n, c in res.get("checks", {}).items() if not c.get("ok")]
     print(f"vm: {len(res.get('checks', {}))} checks, failed: {bad or 'none'};"
           f" {time.monotonic() - t:.0f} s; {a.out}/results.json")

@@ -1,0 +1,165 @@
+"""The churn checker (tests/vm/churn.py) on the host, no VM: it passes clean images of the
+captured Debian 6.1 kernel and rejects crafted mixed ones, read the way the guest reads
+them (a served image's symbol parts; a snapshot's table with its module list)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ksymsfs.kallsyms import parse_kallsyms
+from ksymsfs.snapshot import snapshot_image
+from ksymsfs.sources import Snapshot, parse_modules
+from tests.vm import churn
+from tests.vm import images as im
+
+DUMP = Path(__file__).resolve().parents[1] / "data" / "debian12-6.1-x86_64-qemu"
+LINES = (DUMP / "kallsyms").read_bytes().decode("utf-8", "surrogateescape").splitlines()
+MODULES = (DUMP / "modules").read_text().splitlines()
+DUMMY = [ln for ln in LINES if ln.endswith("\t[dummy]")]
+QUIET = [ln for ln in LINES if not ln.endswith("\t[dummy]")]
+DUMMY_AT = int(next(ln for ln in MODULES if ln.startswith("dummy ")).split()[5], 16)
+REL = Counter((int(a, 16) - DUMMY_AT, c, n) for a, c, n in
+              (ln.split("\t")[0].split(" ", 2) for ln in DUMMY))
+
+
+def moved(lines: list[str], by: int) -> list[str]:
+    return [f"{int(ln[:16], 16) + by:016x}{ln[16:]}" for ln in lines]
+
+
+def served(tmp_path: Path, lines: list[str], modules: list[str], how: str) -> im.Syms:
+    """``lines`` as the guest sees them: through a served image, or a direct snapshot."""
+    text = "".join(ln + "\n" for ln in lines).encode("utf-8", "surrogateescape")
+    mods = parse_modules("".join(m + "\n" for m in modules).encode())
+    table = parse_kallsyms(text)
+    if how == "snapshot":
+        return im.from_table(table, [m.name for m in mods])
+    img = snapshot_image(Snapshot(table, mods))
+    path = tmp_path / "image"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        img.write_to(fd)
+    finally:
+        os.close(fd)
+    return im.from_image(str(path))
+
+
+@functools.cache
+def module_classifier():
+    return churn.module_classifier(QUIET, REL, set())
+
+
+def module_verdict(tmp_path, lines, modules, how) -> str:
+    return module_classifier()(os.urandom(8), served(tmp_path, lines, modules, how), 0.0, 0.0)
+
+
+def block(mod: str) -> list[str]:
+    return [ln for ln in LINES if ln.endswith(f"\t[{mod}]")]
+
+
+MODS_WITHOUT_DUMMY = [m for m in MODULES if not m.startswith("dummy ")]
+# dummy reloaded 0x7000 higher: its line moves to the head of the list (newest first)
+DUMMY2 = moved(DUMMY, 0x7000)
+MODS_DUMMY2 = [f"dummy 16384 0 - Live {DUMMY_AT + 0x7000:#x}"] + MODS_WITHOUT_DUMMY
+FUSE, VXLAN = block("fuse"), block("vxlan")
+CLEAN = {
+    "quiet, no dummy": (QUIET, MODS_WITHOUT_DUMMY),
+    "dummy loaded": (LINES, MODULES),
+    "dummy reloaded elsewhere": (QUIET + DUMMY2, MODS_DUMMY2),
+    "same symbols, other order": (QUIET[::-1] + DUMMY, MODULES),
+}
+MIXED = {
+    "a module's block twice, another's partly missing (seen on 6.1)":
+        ([ln for ln in QUIET if ln not in set(VXLAN[:56])] + FUSE[:79], MODS_WITHOUT_DUMMY),
+    "one other module's line missing": ([ln for ln in LINES if ln != FUSE[0]], MODULES),
+    "one letter changed": ([ln[:17] + ln[17].swapcase() + ln[18:] if ln == FUSE[0] else ln
+                            for ln in LINES], MODULES),
+    "dummy's block twice": (LINES + DUMMY, MODULES),
+    "dummy of two instances": (QUIET + DUMMY[:10] + DUMMY2[10:], MODULES),
+    "dummy's lines partly missing": (QUIET + DUMMY[:-3], MODULES),
+}
+LIST_MIXED = {   # only a direct snapshot has a module list to pair with
+    "dummy's symbols, no dummy in the list": (LINES, MODS_WITHOUT_DUMMY),
+    "dummy in the list, no dummy symbols": (QUIET, MODULES),
+    "a listed module without symbols": (QUIET, MODS_WITHOUT_DUMMY + [
+        "ghost 16384 0 - Live 0xffffffffc0900000"]),
+}
+
+
+@pytest.mark.parametrize("how", ["image", "snapshot"])
+@pytest.mark.parametrize("case", sorted(CLEAN))
+def test_clean_module_states_pass(tmp_path, case: str, how: str) -> None:
+    assert module_verdict(tmp_path, *CLEAN[case], how) == ""
+
+
+@pytest.mark.parametrize("how", ["image", "snapshot"])
+@pytest.mark.parametrize("case", sorted(MIXED))
+def test_mixed_module_images_are_caught(tmp_path, case: str, how: str) -> None:
+    assert module_verdict(tmp_path, *MIXED[case], how) != ""
+
+
+@pytest.mark.parametrize("case", sorted(LIST_MIXED))
+def test_module_list_of_another_moment_is_caught(tmp_path, case: str) -> None:
+    assert module_verdict(tmp_path, *LIST_MIXED[case], "snapshot") != ""
+
+
+def test_mixed_detail_names_the_symbols(tmp_path) -> None:
+    why = module_verdict(tmp_path, *MIXED["one letter changed"], "image")
+    name = FUSE[0].split("\t")[0].split(" ", 2)[2]
+    assert name in why and "missing" in why and "extra" in why, why
+
+
+# --- eBPF churn ---------------------------------------------------------------------------
+
+BPF_AT = 0xffffffffc0200000
+SPANS = {"kc1": [1.0, 1.1, 9.0, 9.1], "kc2": [2.0, 2.1, 3.0, 3.1], "kc3": [4.0, 4.1, 9.0, 9.1]}
+
+
+def prog(name: str, k: int) -> str:
+    return f"{BPF_AT + 0x1000 * k:016x} t bpf_prog_6deef7357e7b4530_{name}\t[bpf]"
+
+
+def bpf_verdict(tmp_path, lines: list[str], how: str, t0: float, t1: float) -> str:
+    log = tmp_path / "bpf.log"
+    log.write_text("".join(f"load {n} {s[0]} {s[1]}\nclose {n} {s[2]} {s[3]}\n"
+                           for n, s in SPANS.items()))
+    classify = churn.bpf_classifier(LINES, str(log))
+    return classify(os.urandom(8), served(tmp_path, lines, MODULES, how), t0, t1)
+
+
+@pytest.mark.parametrize("how", ["image", "snapshot"])
+def test_bpf_programs_alive_together_pass(tmp_path, how: str) -> None:
+    assert bpf_verdict(tmp_path, LINES + [prog("kc1", 1), prog("kc2", 2)], how, 2.5, 2.6) == ""
+    assert bpf_verdict(tmp_path, LINES + [prog("kc1", 1)], how, 3.5, 3.6) == ""
+
+
+@pytest.mark.parametrize("how", ["image", "snapshot"])
+@pytest.mark.parametrize("case", ["never together", "twice", "other bpf line gone",
+                                  "module line gone"])
+def test_mixed_bpf_images_are_caught(tmp_path, case: str, how: str) -> None:
+    churned = [prog("kc1", 1), prog("kc2", 2)]
+    lines = {"never together": LINES + [prog("kc2", 2), prog("kc3", 3)],
+             "twice": LINES + churned + [prog("kc2", 2)],
+             "other bpf line gone": [ln for ln in LINES if not ln.endswith("\t[bpf]")] + churned,
+             "module line gone": [ln for ln in LINES if ln != FUSE[3]] + churned}[case]
+    assert bpf_verdict(tmp_path, lines, how, 2.5, 2.6) != ""
+
+
+def test_image_reader_reads_only_symbol_parts(tmp_path) -> None:
+    """from_image gives exactly the lines of the dump (names, letters, modules, order)."""
+    s = served(tmp_path, LINES, MODULES, "image")
+    assert s.key() == im.from_lines(LINES).key()
+
+
+def test_names_without_the_canonical_string_table() -> None:
+    """A string table that is not one name per symbol in order is read name by name."""
+    tab = b"\0b\0a\0ab\0"
+    assert im._names(tab, np.array([1, 3, 5])) == [b"b", b"a", b"ab"]
+    assert im._names(tab, np.array([3, 1, 5])) == [b"a", b"b", b"ab"]
+    assert im._names(tab, np.array([1, 6, 5])) == [b"b", b"b", b"ab"]
+    assert im._names(tab, np.array([1, 3])) == [b"b", b"a"]
