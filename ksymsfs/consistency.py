@@ -201,13 +201,23 @@ def shape_problem(table: SymbolTable) -> str:
 
 
 def _duplicate_module_line(table: SymbolTable) -> str:
-    """Exact duplicate module lines (skipped when addresses are hidden: then they can be)."""
+    """Exact duplicate module lines (skipped when addresses are hidden: then they can be).
+
+    Only lines sharing (module, address, letter) with another can be duplicates: those few
+    are found by one sort, and only their names are compared, in kallsyms order."""
     sel = np.flatnonzero(table.module != 0)
     if not table.addr[sel].any():
         return ""
+    mod, addr, letter = table.module[sel], table.addr[sel], table.letter[sel]
+    order = np.lexsort((letter, addr, mod))
+    same = np.flatnonzero((mod[order][1:] == mod[order][:-1])
+                          & (addr[order][1:] == addr[order][:-1])
+                          & (letter[order][1:] == letter[order][:-1]))
+    if not same.size:
+        return ""
     seen = set()
-    for i, m, a, c in zip(sel.tolist(), table.module[sel].tolist(),
-                          table.addr[sel].tolist(), table.letter[sel].tolist()):
+    for i in sel[np.unique(np.concatenate((order[same], order[same + 1])))].tolist():
+        m, a, c = int(table.module[i]), int(table.addr[i]), int(table.letter[i])
         key = (m, a, c, table.name(i))
         if key in seen:
             return (f"line {a:x} {chr(c)} {key[3]} of module {table.modules[m]} is printed"
