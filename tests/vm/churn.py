@@ -23,11 +23,11 @@ from tests.vm import kernel_ops as ko
 # arrays with the quiet kernel's). TIME_LIMIT bounds each kind's sampling.
 TARGET = {"ci": 60, "long": 260, "short": 130, "none": 0}
 TARGET_BPF = {"ci": 60, "long": 260, "short": 130, "none": 0}
-TIME_LIMIT = {"ci": 280.0, "long": 900.0, "short": 450.0, "none": 0.0}
+TIME_LIMIT = {"ci": 280.0, "long": 1100.0, "short": 450.0, "none": 0.0}
 # measured under load (one CI run, 2026-12-01): 57 module images in 201 s (35 % ENXIO),
 # 60 eBPF images in 166 s; on a quiet host 60 in 116 s and 55 in 174 s. Sampling stops at
 # the target: the caps only matter on a loaded host, and stay inside the harness timeout.
-TIME_LIMIT_BPF = {"ci": 280.0, "long": 1000.0, "short": 500.0, "none": 0.0}
+TIME_LIMIT_BPF = {"ci": 280.0, "long": 1100.0, "short": 500.0, "none": 0.0}
 MOUNT_EVERY = {"ci": 3, "long": 3, "short": 3, "none": 1}
 OLD_RULE_SAMPLES = {"ci": 6, "long": 60, "short": 30, "none": 0}
 PAUSE_S = 1.2   # churners pause 0..PAUSE_S between changes (kallsyms takes ~0.5 s to read)
