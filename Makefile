@@ -71,7 +71,8 @@ lint: ## ruff
 bench: test-venv ## benchmark table (ratios to same-run baselines); JSON in bench-results/, plot in docs/
 	'$(TESTVENV)/bin/python' -m pip install $(PIP_FLAGS) -e '.[bench]'
 	mkdir -p bench-results docs
-	'$(TESTVENV)/bin/python' scripts/bench.py --json bench-results/bench.json --plot docs/scaling.png
+	'$(TESTVENV)/bin/python' scripts/bench.py --json bench-results/bench.json --plot docs/scaling.png \
+	    $(if $(wildcard build/vm/out/bench-vm.json),--vm-json build/vm/out/bench-vm.json)
 
 clean: ## remove build output (the test venv included)
 	rm -rf build dist bench-results .pytest_cache ksymsfs.egg-info

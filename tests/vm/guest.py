@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -215,6 +216,30 @@ def mount_checks(m: Mounted) -> None:
     (OUT / "mount.elf").write_bytes(data)
 
 
+@step("open_latency")
+def open_latency(m: Mounted, runs: int = 5) -> None:
+    """The guest's own figure for scripts/bench.py (--vm-json): median wall time of a whole
+    read of the mount (open + read + close) vs one of /proc/kallsyms, interleaved."""
+    mount_s, cat_s, sizes = [], [], set()
+    for _ in range(runs):
+        t = time.perf_counter()
+        with open(m.path, "rb") as f:
+            n = len(f.read())
+            want = os.fstat(f.fileno()).st_size
+        mount_s.append(time.perf_counter() - t)
+        sizes.add(n == want)
+        t = time.perf_counter()
+        with open("/proc/kallsyms", "rb") as f:
+            f.read()
+        cat_s.append(time.perf_counter() - t)
+    fig = {"guest_open_read_s": statistics.median(mount_s),
+           "guest_cat_s": statistics.median(cat_s), "runs": runs}
+    fig["ratio"] = fig["guest_open_read_s"] / fig["guest_cat_s"]
+    RES.figure("open_latency", fig)
+    (OUT / "bench-vm.json").write_text(json.dumps(fig))
+    RES.check("open_latency", sizes == {True} and all(x > 0 for x in mount_s + cat_s), fig)
+
+
 def image_modules(data: bytes) -> set[str]:
     from ksymsfs.reader import parse_image
     img = parse_image(data)
@@ -352,6 +377,7 @@ def main() -> int:
     try:
         if not CONFIG.get("churn_only"):
             mount_checks(m)
+            open_latency(m)
             held_fd_checks(m)
             policy_checks(m)
         ko.function_tracer(False)   # everything runs ~10x slower while it traces
