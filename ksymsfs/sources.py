@@ -131,7 +131,10 @@ class Snapshot:
 
     @property
     def digest(self) -> bytes:
-        """SHA-256 of the bytes read (for logs and tests; identity uses same_reading)."""
+        """SHA-256 of the bytes read (for logs and tests; identity uses same_reading).
+        Only a snapshot taken with ``keep_raw`` has them: any other raises."""
+        if not self.raw and self.raw_modules is None:
+            raise ValueError("snapshot taken without keep_raw: no bytes to digest")
         h = hashlib.sha256(self.raw)
         h.update(b"\0modules\0" + (self.raw_modules if self.raw_modules is not None
                                      else b"\xff"))

@@ -259,3 +259,18 @@ def test_device_openers_sharing_one_read_share_one_build(tmp_path, monkeypatch):
     for t in threads:
         t.join(5)
     assert len(builds) == 1 and len(out) == 8 and all(o is out[0] for o in out)
+
+
+def test_snapshot_digest_is_of_the_bytes_read_and_refused_without_them(tmp_path):
+    """The VM churn checker keys its verdicts by digest: two readings of different bytes
+    must never share one (a snapshot that kept no bytes has no digest at all)."""
+    from ksymsfs.sources import Sources, take_snapshot
+    ks = tmp_path / "kallsyms"
+    ks.write_text("ffffffff81000000 T a\n")
+    one = take_snapshot(Sources(str(ks), None), keep_raw=True)
+    ks.write_text("ffffffff81000000 T b\n")
+    two = take_snapshot(Sources(str(ks), None), previous=one, keep_raw=True)
+    assert two is not one and two.digest != one.digest
+    assert take_snapshot(Sources(str(ks), None), previous=two, keep_raw=True) is two
+    with pytest.raises(ValueError):
+        _ = take_snapshot(Sources(str(ks), None)).digest

@@ -56,7 +56,7 @@ def take(path: str, use_mount: bool) -> tuple[bytes | None, im.Syms]:
     if use_mount:
         return None, im.from_image(path)
     snap = take_snapshot(Sources.live(), section_cache=_DIRECT["sections"],
-                         previous=_DIRECT["snap"])
+                         previous=_DIRECT["snap"], keep_raw=True)  # digest: of these bytes
     if snap is not _DIRECT["snap"]:
         _DIRECT["snap"] = snap
         _DIRECT["syms"] = im.from_table(snap.table, [m.name for m in snap.modules or []])
