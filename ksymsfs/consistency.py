@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kallsyms import SymbolTable, is_pseudo_module
+from .readfile import open_regular
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "i686": 357, "armv7l": 386}
 BPF_PROG_GET_NEXT_ID = 11
@@ -57,8 +58,8 @@ def _read_seqnum(path: str | None) -> bytes | None:
     if path is None:
         return None
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        with os.fdopen(open_regular(path), "rb") as f:  # a FIFO never blocks us
+            return f.read(64)
     except OSError:
         return None
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from .elfdefs import NT_GNU_BUILD_ID
 from .errors import SourceError
+from .readfile import open_regular
 
 NOTE_SECTION = ".note.gnu.build-id"  # build-id notes (a module's file in /sys is so named)
 OTHER_NOTES_SECTION = ".ksyms.notes"  # the kernel's other notes (Linux, Xen), verbatim
@@ -82,7 +83,7 @@ def valid_notes(data: bytes, order: str) -> bool:
 
 def _read(path: str, missing_ok: bool) -> bytes | None:
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:  # a FIFO never blocks us
             data = f.read(MAX_NOTES + 1)
     except OSError as e:
         if missing_ok or e.errno in (errno.ENOENT, errno.EACCES, errno.EPERM):

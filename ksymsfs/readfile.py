@@ -41,6 +41,21 @@ def read_regular(path: str, max_bytes: int = DEFAULT_MAX_READ,
         os.close(fd)
 
 
+def open_regular(path: str) -> int:
+    """An O_NONBLOCK descriptor of ``path`` if it is a regular file, else OSError (ENXIO for
+    a FIFO, device or socket, which is never read): for small optional files (notes,
+    counters) whose callers keep their own error rules."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        log.warning("%s: refused: not a regular file", path)
+        raise OSError(errno.ENXIO, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _read_bounded(fd: int, path: str, max_bytes: int) -> bytes:
     chunks, total = [], 0
     while True:

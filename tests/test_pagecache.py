@@ -263,3 +263,43 @@ def test_idle_device_forgets_its_snapshot_and_rebuilds_exactly(tmp_path):
     c = dev.open(13, os.O_RDONLY)
     assert len(parse_image(bytes(dev.image_of(c)))) == 101
     dev.release(c)
+
+
+def _finishes(fn, timeout: float = 20) -> list:
+    import threading
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append(("ok", fn()))
+        except Exception as e:  # noqa: BLE001  the test looks at what came back
+            out.append(("err", e))
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "blocked on a FIFO"
+    return out[0]
+
+
+def test_notes_and_seqnum_fifos_are_refused_not_waited_on(tmp_path):
+    """Kernel notes (--notes), a module's notes under --sections and the uevent counter are
+    opened non-blocking and must be regular files: a FIFO there is refused at once."""
+    from ksymsfs import consistency
+    from ksymsfs.errors import SourceError
+    from ksymsfs.notes import read_notes
+    kfifo = tmp_path / "notes"
+    os.mkfifo(kfifo)
+    mnotes = tmp_path / "module" / "m" / "notes"
+    mnotes.mkdir(parents=True)
+    os.mkfifo(mnotes / ".note.gnu.build-id")
+    kind, val = _finishes(lambda: read_notes(str(kfifo), None, [], strict=True))
+    assert kind == "err" and isinstance(val, SourceError) and "regular" in str(val)
+    kind, (notes, _warn) = _finishes(lambda: read_notes(str(kfifo), str(tmp_path / "module"),
+                                                        ["m"]))
+    assert kind == "ok" and not notes.modules and not notes.kernel
+    seq = tmp_path / "uevent_seqnum"
+    os.mkfifo(seq)
+    assert _finishes(lambda: consistency._read_seqnum(str(seq))) == ("ok", None)
+    seq2 = tmp_path / "seq2"
+    seq2.write_text("1234\n")
+    assert _finishes(lambda: consistency._read_seqnum(str(seq2))) == ("ok", b"1234\n")
