@@ -102,9 +102,20 @@ class Image:
         return nul[np.searchsorted(nul, off)] - off
 
     def name(self, i: int) -> str:
+        """Symbol ``i``'s name; a few names never copy the whole string table."""
         off = int(self.syms["st_name"][i])
-        end = self.data_strtab.index(b"\0", off)
-        return self.data_strtab[off:end].decode("utf-8", "surrogateescape")
+        if hasattr(self, "_strtab_bytes"):
+            tab = self._strtab_bytes
+            return tab[off:tab.index(b"\0", off)].decode("utf-8", "surrogateescape")
+        n = 128
+        while True:
+            chunk = self.strtab[off:off + n].tobytes()
+            end = chunk.find(b"\0")
+            if end >= 0:
+                return chunk[:end].decode("utf-8", "surrogateescape")
+            if off + n >= len(self.strtab):
+                raise ValueError(f"symbol {i}: name runs past the string table")
+            n *= 8
 
     @property
     def data_strtab(self) -> bytes:
