@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -111,3 +112,13 @@ class Mount:
 def read_all(path: str | os.PathLike) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def churn_sources(src: Path, stop: threading.Event, modules: int = 150) -> None:
+    """Until ``stop``: rewrite the sources in ``src`` every 50 ms, ``modules`` modules and
+    one module in turn (a kernel whose module list keeps changing size)."""
+    k = 0
+    while not stop.is_set():
+        k += 1
+        write_sources(src, [f"m{i}" for i in range(modules if k % 2 else 1)])
+        time.sleep(0.05)

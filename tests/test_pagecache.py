@@ -14,7 +14,7 @@ import pytest
 from ksymsfs import parse_image
 from ksymsfs.device import Device
 from ksymsfs.sources import Sources
-from tests.fuse_harness import Mount, require_fuse, write_sources
+from tests.fuse_harness import Mount, churn_sources, require_fuse, write_sources
 from tests.test_policy import KS, fake_proc
 from tests.test_security import become_nobody, in_child
 
@@ -179,11 +179,7 @@ def test_mappers_touching_every_page_survive_stat_open_churn():
     stop = threading.Event()
 
     def churn() -> None:
-        k = 0
-        while not stop.is_set():
-            k += 1
-            write_sources(src, [f"m{i}" for i in range(150 if k % 2 else 1)])
-            time.sleep(0.05)
+        churn_sources(src, stop)
 
     def nobody() -> int:
         become_nobody()

@@ -25,7 +25,7 @@ import pytest
 
 from ksymsfs import KIOCGSIZE, parse_image
 from ksymsfs.device import SIZE_BUCKET
-from tests.fuse_harness import Mount, require_fuse, write_sources
+from tests.fuse_harness import Mount, churn_sources, require_fuse, write_sources
 
 pytestmark = pytest.mark.fuse
 CLONE_NEWUSER = 0x10000000
@@ -318,11 +318,7 @@ def test_readelf_as_root_survives_nobody_stat_loop_under_churn(public_dir):
     stop = threading.Event()
 
     def churn() -> None:
-        k = 0
-        while not stop.is_set():
-            k += 1
-            write_sources(src, [f"m{i}" for i in range(150 if k % 2 else 1)])
-            time.sleep(0.05)
+        churn_sources(src, stop)
 
     def stat_loop() -> int:  # stats, and now and then an open that builds a snapshot
         become_nobody()
