@@ -16,7 +16,7 @@ from ksymsfs.device import Device
 from ksymsfs.sources import Sources
 from tests.fuse_harness import Mount, churn_sources, require_fuse, write_sources
 from tests.test_policy import KS, fake_proc
-from tests.test_security import become_nobody, in_child
+from tests.test_security import become_nobody, in_child, nobody_stat_loop
 
 
 def _dev(tmp_path: Path) -> tuple[Device, Path, Path]:
@@ -168,7 +168,6 @@ def test_mappers_touching_every_page_survive_stat_open_churn():
     between a big and a small module set: no SIGBUS. (The issue-11 leftover: an fstat
     answered from attributes cached within the jiffy, or a short fill shrinking i_size.)"""
     import threading
-    import time
     require_fuse()
     d = Path(tempfile.mkdtemp(prefix="ksymsfs-pc-", dir="/tmp"))
     os.chmod(d, 0o755)
@@ -182,18 +181,7 @@ def test_mappers_touching_every_page_survive_stat_open_churn():
         churn_sources(src, stop)
 
     def nobody() -> int:
-        become_nobody()
-        n, end = 0, time.monotonic() + 8
-        while time.monotonic() < end:
-            os.stat(m.path)
-            n += 1
-            if n % 5 == 0:
-                try:
-                    with open(m.path, "rb") as f:
-                        f.read(64)
-                except OSError:
-                    pass
-        return n
+        return nobody_stat_loop(m.path, 5)
     box: list = []
     threads = [threading.Thread(target=churn),
                threading.Thread(target=lambda: box.append(in_child(nobody)))]

@@ -304,6 +304,25 @@ def test_inherited_descriptor_sizes_agree_after_a_change(tmp_path):
         m.stop()
 
 
+def nobody_stat_loop(path, open_every: int, errnos: tuple | None = None,
+                     seconds: float = 8) -> int:
+    """In a forked child: become nobody, stat ``path`` for ``seconds``, and every
+    ``open_every``-th time open it and read a little; an open may fail only with one of
+    ``errnos`` (None: with any). Returns the stats made."""
+    become_nobody()
+    n, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        os.stat(path)
+        n += 1
+        if n % open_every == 0:
+            try:
+                with open(path, "rb") as f:
+                    f.read(64)
+            except OSError as e:
+                assert errnos is None or e.errno in errnos, e
+    return n
+
+
 def test_readelf_as_root_survives_nobody_stat_loop_under_churn(public_dir):
     """eu-readelf maps the file; another user stats (and opens) it in a loop while modules
     come and go: no reader may die of SIGBUS."""
@@ -321,19 +340,8 @@ def test_readelf_as_root_survives_nobody_stat_loop_under_churn(public_dir):
         churn_sources(src, stop)
 
     def stat_loop() -> int:  # stats, and now and then an open that builds a snapshot
-        become_nobody()
-        n = 0
-        end = time.monotonic() + 8
-        while time.monotonic() < end:
-            os.stat(m.path)
-            n += 1
-            if n % 20 == 0:
-                try:
-                    with open(m.path, "rb") as f:
-                        f.read(64)
-                except OSError as e:  # held by root, or caught mid-churn
-                    assert e.errno in (errno.EBUSY, errno.ENXIO)
-        return n
+        # an open may fail only as held by root (EBUSY) or caught mid-churn (ENXIO)
+        return nobody_stat_loop(m.path, 20, (errno.EBUSY, errno.ENXIO))
     box: list = []
     threads = [threading.Thread(target=churn),
                threading.Thread(target=lambda: box.append(in_child(stat_loop)))]
