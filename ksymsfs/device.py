@@ -355,9 +355,14 @@ class Device:
             h.direct_io, h.keep_cache = True, False  # another snapshot is held
             return
         if self._cache_image is not h.image:  # a new epoch: this open drops old pages
-            self._cache_image, self._confirmed = h.image, False
-            self._epoch += 1
+            self._new_epoch(h.image)
         h.direct_io, h.keep_cache, h.epoch = False, self._confirmed, self._epoch
+
+    def _new_epoch(self, image: bytes | None) -> None:
+        """Under the lock: the page cache now belongs to ``image`` (None: to no image);
+        no open keeps it until a read of the new epoch proves it was dropped."""
+        self._cache_image, self._confirmed = image, False
+        self._epoch += 1
 
     def _trim_cache_image(self) -> None:
         """Under the lock: forget the cache image unless a handle or the cache holds it."""
@@ -365,7 +370,7 @@ class Device:
         if img is None or any(img is i for i in self._images.values()):
             return
         if not any(h.image is img for h in self._handles.values()):
-            self._cache_image, self._confirmed = None, False
+            self._new_epoch(None)
 
     def cache_mode(self, fh: int) -> tuple[bool, bool]:
         """(direct_io, keep_cache) for the open's reply."""
@@ -396,8 +401,7 @@ class Device:
             mixed = any(not o.direct_io and o.image is not h.image
                         for o in self._handles.values())
             if mixed:  # no new open keeps the cache until a new epoch begins
-                self._cache_image, self._confirmed = None, False
-                self._epoch += 1
+                self._new_epoch(None)
         return h.image, mixed
 
     def image_of(self, fh: int) -> bytes:
@@ -461,7 +465,7 @@ class Device:
             if left > 0:
                 return left
             self._snap, self._images = None, {}
-            self._cache_image, self._confirmed = None, False
+            self._new_epoch(None)
         self._coalescer.forget()
         return None
 
