@@ -43,6 +43,7 @@ from .policy import (
     read_sysctls,
     user_namespace,
 )
+from .readfile import ReadBuffer
 from .snapshot import snapshot_image
 from .sources import Snapshot, Sources, take_snapshot
 
@@ -174,6 +175,7 @@ class Device:
         self._epoch = 0                   # bumped when _cache_image changes
         self._confirmed = False           # an open of this epoch has read (so it invalidated)
         self._coalescer = Coalescer(self._read_sources)
+        self._readbuf = ReadBuffer()  # kallsyms is read into it at every open
         self.latest_size = 0
         self._latest_stored = 0  # memory of the last image built (estimate for the budget)
         self.mtime = time.time()
@@ -184,7 +186,7 @@ class Device:
     def _read_sources(self) -> Snapshot:
         # reads are serialized by the Coalescer, so self._snap is only replaced here
         snap = take_snapshot(self.sources, section_cache=self._section_cache,
-                             previous=self._snap, keep_raw=True)
+                             previous=self._snap, keep_raw=True, buffer=self._readbuf)
         if snap is not self._snap:  # a new kernel state: forget the old images
             with self._lock:
                 self._snap, self._images = snap, {}
@@ -466,6 +468,7 @@ class Device:
                 return left
             self._snap, self._images = None, {}
             self._new_epoch(None)
+            self._readbuf.release()  # no read runs: every read is inside an open
         self._coalescer.forget()
         return None
 

@@ -11,7 +11,7 @@ from . import consistency
 from .errors import KsymsError, ParseError, SnapshotError
 from .kallsyms import SymbolTable, is_pseudo_module, parse_kallsyms
 from .notes import Notes, read_notes
-from .readfile import DEFAULT_MAX_READ, read_regular
+from .readfile import DEFAULT_MAX_READ, ReadBuffer, read_regular
 
 log = logging.getLogger(__name__)
 SNAPSHOT_TRIES = 3  # FreeBSD ksyms gives up with ENXIO after this many unclean tries
@@ -125,9 +125,11 @@ class Snapshot:
     notes: Notes | None = None  # the kernel's and modules' ELF notes (build-ids)
     tries: int = 1       # readings it took (the others were unclean)
 
-    def same_reading(self, kdata: bytes, mdata: bytes | None) -> bool:
-        """The sources read exactly these bytes (a memcmp: exact, unlike a hash alone)."""
-        return self.raw_modules == mdata and self.raw == kdata
+    def same_reading(self, kdata: bytes | memoryview, mdata: bytes | None) -> bool:
+        """The sources read exactly these bytes (a memcmp: exact, unlike a hash alone).
+        (``startswith``: a memcmp also for a memoryview, which ``==`` compares per item.)"""
+        return (self.raw_modules == mdata and len(self.raw) == len(kdata)
+                and self.raw.startswith(kdata))
 
     @property
     def digest(self) -> bytes:
@@ -151,9 +153,9 @@ class Snapshot:
         return None if self.modules is None else [m.name for m in reversed(self.modules)]
 
 
-def _read(path: str, missing_ok: bool = False, max_bytes: int = DEFAULT_MAX_READ
-          ) -> bytes | None:
-    return read_regular(path, max_bytes, missing_ok)
+def _read(path: str, missing_ok: bool = False, max_bytes: int = DEFAULT_MAX_READ,
+          into: ReadBuffer | None = None) -> bytes | memoryview | None:
+    return read_regular(path, max_bytes, missing_ok, into)
 
 
 def _read_modules(src: Sources) -> bytes | None:
@@ -165,7 +167,8 @@ def _read_modules(src: Sources) -> bytes | None:
 
 def take_snapshot(src: Sources,
                   section_cache: dict | None = None,
-                  previous: Snapshot | None = None, keep_raw: bool = False) -> Snapshot:
+                  previous: Snapshot | None = None, keep_raw: bool = False,
+                  buffer: ReadBuffer | None = None) -> Snapshot:
     """Read signals, modules, kallsyms, modules, signals; retry while anything moved, then ENXIO.
 
     Clean means: both module lists equal, the signals (uevent seqnum, eBPF program ids)
@@ -174,13 +177,14 @@ def take_snapshot(src: Sources,
     bytes read equal ``previous``'s (Snapshot.same_reading), ``previous`` itself is
     returned: nothing changed, so its parsed table (and any image built from it) is still
     exact. ``keep_raw``: the snapshot keeps the bytes read for that comparison (the device
-    does; a one-off dump frees them before its build).
+    does; a one-off dump frees them before its build). ``buffer``: kallsyms is read into
+    it (the device's, reused at every open); only a changed text is copied out.
     """
     why = ""
     for tries in range(1, SNAPSHOT_TRIES + 1):
         before = consistency.read_signals(src.seqnum, src.bpf_ids)
         m1 = _read_modules(src)
-        kdata = _read(src.kallsyms, max_bytes=src.max_read)
+        kdata = _read(src.kallsyms, max_bytes=src.max_read, into=buffer)
         m2 = _read_modules(src)
         after = consistency.read_signals(src.seqnum, src.bpf_ids, ksyms=src.bpf_ids)
         why = consistency.moved(before, after)
@@ -190,6 +194,7 @@ def take_snapshot(src: Sources,
             continue
         if previous is not None and previous.same_reading(kdata, m1):
             return previous
+        kdata = bytes(kdata)  # a view of the buffer: the next open reads over it
         table = parse_kallsyms(kdata, src.kallsyms, lenient=src.lenient)
         mods = None if m1 is None else parse_modules(m1, src.modules or "")
         warnings = _cross_check(table, mods, src)

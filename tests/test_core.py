@@ -274,3 +274,47 @@ def test_snapshot_digest_is_of_the_bytes_read_and_refused_without_them(tmp_path)
     assert take_snapshot(Sources(str(ks), None), previous=two, keep_raw=True) is two
     with pytest.raises(ValueError):
         _ = take_snapshot(Sources(str(ks), None)).digest
+
+
+def test_read_buffer_reads_exactly_grows_and_keeps_the_cap(tmp_path):
+    """The device's reused kallsyms buffer: the same bytes as a plain read (also of a
+    procfs file answered a page per read), growth past its size, the read cap."""
+    from ksymsfs.readfile import CHUNK, ReadBuffer, read_regular
+    buf = ReadBuffer()
+    big = tmp_path / "big"
+    data = os.urandom(3 * CHUNK + 12345)
+    big.write_bytes(data)
+    assert bytes(read_regular(str(big), into=buf)) == data
+    small = tmp_path / "small"
+    small.write_bytes(b"tiny\n")
+    assert bytes(read_regular(str(small), into=buf)) == b"tiny\n"  # no tail of the big one
+    assert bytes(read_regular(str(big), into=buf)) == data
+    proc = read_regular("/proc/self/status")  # same process: the same text twice
+    assert bytes(read_regular("/proc/self/status", into=buf)).split(b"\n")[:3] == \
+        proc.split(b"\n")[:3]
+    with pytest.raises(SourceError, match="larger than 100 bytes"):
+        read_regular(str(big), 100, into=buf)
+    with pytest.raises(SourceError, match="larger than"):
+        read_regular(str(big), len(data) - 1, into=buf)
+    assert len(read_regular(str(big), len(data), into=buf)) == len(data)
+
+
+def test_snapshot_through_the_buffer_keeps_its_own_bytes(tmp_path):
+    """A changed text is copied out of the reused buffer: the next open's read over it
+    must not change the snapshot already served, nor fool the same-reading check."""
+    from ksymsfs.readfile import ReadBuffer
+    ks = tmp_path / "kallsyms"
+    buf = ReadBuffer()
+    ks.write_text("ffffffff81000000 T aaaa\n")
+    one = take_snapshot(Sources(str(ks), None), keep_raw=True, buffer=buf)
+    ks.write_text("ffffffff81000000 T bbbb\n")
+    two = take_snapshot(Sources(str(ks), None), previous=one, keep_raw=True, buffer=buf)
+    assert two is not one
+    assert one.raw == b"ffffffff81000000 T aaaa\n" and isinstance(one.raw, bytes)
+    assert two.raw == b"ffffffff81000000 T bbbb\n"
+    assert one.table.name(0) == "aaaa" and two.table.name(0) == "bbbb"
+    assert take_snapshot(Sources(str(ks), None), previous=two, keep_raw=True,
+                         buffer=buf) is two
+    ks.write_text("ffffffff81000000 T bbbb\nffffffff81000010 T c\n")  # a longer text
+    assert take_snapshot(Sources(str(ks), None), previous=two, keep_raw=True,
+                         buffer=buf) is not two
