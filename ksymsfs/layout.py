@@ -10,7 +10,9 @@ No bytes are written here (builder.py serializes). The rules, and why (README "T
 * every PROGBITS section has file bytes of its own (zeros, served virtually) at
   ``sh_offset``, so ``sh_addr - sh_offset`` maps addresses to offsets the way perf,
   libdwfl and gdb expect; NOBITS sections get distinct offsets past the end of the file;
-* one PT_LOAD per allocated section, with ``p_vaddr``/``p_offset`` equal to the section's.
+* one PT_LOAD per allocated section, with ``p_vaddr``/``p_offset`` equal to the section's;
+* text stays PROGBITS, zeros and all: nlist(3) makes any NOBITS symbol N_BSS, and
+  eu-elflint rejects an executable NOBITS section (README "Reading memory").
 """
 
 from __future__ import annotations
