@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import secrets
 import sys
 
 from . import __version__
@@ -125,7 +124,7 @@ def _write_atomic(path: str, data: bytes) -> None:
         _write_data(sys.stdout.buffer, data)
         return
     d = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(d, f".ksymsfs-{os.getpid()}-{secrets.token_hex(6)}")
+    tmp = os.path.join(d, f".ksymsfs-{os.getpid()}-{os.urandom(6).hex()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o666)
     try:

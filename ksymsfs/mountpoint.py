@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
-import secrets
 import stat
 import time
 from dataclasses import dataclass
 
 from .errors import KsymsError, MountPointError
+
+try:
+    from _sha2 import sha256 as _sha256  # CPython >= 3.12
+except ImportError:
+    try:
+        from _sha256 import sha256 as _sha256  # CPython 3.11
+    except ImportError:  # another Python: OpenSSL's
+        from hashlib import sha256 as _sha256
 
 FSTYPE = "fuse.ksymsfs"
 MOUNTINFO = "/proc/self/mountinfo"
@@ -66,9 +72,16 @@ def default_run_dir(euid: int, xdg_runtime_dir: str | None) -> str | None:
     return os.path.join(xdg_runtime_dir, "ksymsfs") if xdg_runtime_dir else None
 
 
+def sha256_hex(data: bytes) -> str:
+    """SHA-256 without loading OpenSSL: ``hashlib`` maps libcrypto, 3.6 MB of the serving
+    daemon's resident memory for one digest per mount (CPython's own module instead,
+    imported at start: a daemon that dropped privileges may not read the library)."""
+    return _sha256(data).hexdigest()
+
+
 def _key_path(run_dir: str, path: str, suffix: str) -> str:
-    return os.path.join(run_dir, hashlib.sha256(path.encode("utf-8", "surrogateescape"))
-                        .hexdigest()[:32] + suffix)
+    return os.path.join(run_dir, sha256_hex(path.encode("utf-8", "surrogateescape"))[:32]
+                        + suffix)
 
 
 def _ensure_run_dir(run_dir: str) -> None:
@@ -174,7 +187,7 @@ def create_or_adopt(path: str, run_dir: str | None) -> Created | None:
         rec = _read_record(run_dir, path)
         if rec is None or not _same_file(rec):
             return None
-    rec.token = secrets.token_hex(8)
+    rec.token = os.urandom(8).hex()
     _write_record(run_dir, rec)
     return rec
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -137,6 +136,7 @@ class Snapshot:
         Only a snapshot taken with ``keep_raw`` has them: any other raises."""
         if not self.raw and self.raw_modules is None:
             raise ValueError("snapshot taken without keep_raw: no bytes to digest")
+        import hashlib  # here: the daemon never loads OpenSSL (see mountpoint.sha256_hex)
         h = hashlib.sha256(self.raw)
         h.update(b"\0modules\0" + (self.raw_modules if self.raw_modules is not None
                                      else b"\xff"))
