@@ -57,7 +57,8 @@ def bench_fuse_json(tmp_path_factory) -> dict:
 def test_bench_fuse_sections(bench_fuse_json):
     live = bench_fuse_json["live"]["fuse"]
     assert not live["skipped"]
-    _positive(live, "cat_mount_s", "read_mount_s", "ratio_cat", "mount_bytes")
+    _positive(live, "cat_mount_s", "read_mount_s", "ratio_cat", "mount_bytes",
+              "cat_kallsyms_s", "cat_local_copy_s", "ratio_floor")
     for tool in ("nm", "readelf"):
         t = bench_fuse_json["tools"][tool]
         assert t["same_output"] is True          # the mount and the local copy agree
@@ -71,6 +72,7 @@ def test_bench_fuse_sections(bench_fuse_json):
     assert conc["captured"][-1]["vs_local"] > 0
     assert [lv["processes"] for lv in conc["levels"]] == [1, 4]
     assert all(lv["all_ok"] and not lv["errors"] for lv in conc["levels"])
+    _positive(conc["levels"][-1], "floor_s", "wall_vs_floor")  # 2 kallsyms reads + copies
     assert [c["processes"] for c in conc["captured"]] == [1, 4]
     for c in conc["captured"]:
         _positive(c, "wall_s", "wall_ratio")
@@ -126,12 +128,14 @@ def test_bench_checks(bench_json):
 
 def test_bench_reports_vm_guest_figures(tmp_path):
     vm = tmp_path / "vm.json"
-    vm.write_text(json.dumps({"guest_open_read_s": 0.6, "guest_cat_s": 0.4}))
+    vm.write_text(json.dumps({"guest_open_read_s": 0.6, "guest_cat_s": 0.4,
+                              "guest_local_s": 0.1}))
     data, stdout = _run_bench(tmp_path / "b.json", "--no-fuse", "--sizes", "3000,10000",
                               "--vm-json", str(vm), timeout=55)
     g = data["live"]["vm_guest"]
     assert g["skipped"] is None and abs(g["ratio"] - 1.5) < 1e-9
-    assert "VM guest: cat MOUNT" in stdout
+    assert abs(g["ratio_floor"] - 1.2) < 1e-9  # 0.6 / (0.4 + 0.1)
+    assert "VM guest: cat MOUNT" in stdout and "MOUNT vs its floor" in stdout
 
 
 def test_generator_is_realistic_and_deterministic():
