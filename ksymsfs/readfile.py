@@ -73,8 +73,10 @@ class ReadBuffer:
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._hint = 0  # the size it had: after a release, allocated at once (no doublings)
 
     def release(self) -> None:
+        self._hint = max(self._hint, len(self._buf))
         self._buf = bytearray()
 
     def read_fd(self, fd: int, path: str, max_bytes: int) -> memoryview:
@@ -84,7 +86,7 @@ class ReadBuffer:
         buf, pos = self._buf, 0
         while True:
             if len(buf) - pos < CHUNK:  # a new, bigger buffer (a view of the old may live)
-                bigger = bytearray(max(2 * len(buf), pos + CHUNK))
+                bigger = bytearray(max(2 * len(buf), pos + CHUNK, self._hint))
                 bigger[:pos] = memoryview(buf)[:pos]
                 buf = self._buf = bigger
             want = min(len(buf) - pos, max_bytes + 1 - pos)

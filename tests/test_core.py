@@ -289,6 +289,9 @@ def test_read_buffer_reads_exactly_grows_and_keeps_the_cap(tmp_path):
     small.write_bytes(b"tiny\n")
     assert bytes(read_regular(str(small), into=buf)) == b"tiny\n"  # no tail of the big one
     assert bytes(read_regular(str(big), into=buf)) == data
+    buf.release()  # idle: freed; the next read allocates its old size at once
+    assert bytes(read_regular(str(small), into=buf)) == b"tiny\n"
+    assert bytes(read_regular(str(big), into=buf)) == data
     proc = read_regular("/proc/self/status")  # same process: the same text twice
     assert bytes(read_regular("/proc/self/status", into=buf)).split(b"\n")[:3] == \
         proc.split(b"\n")[:3]
