@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import KIOCGADDR, KIOCGSIZE
+from .digest import image_digest
 from .errors import ConfigError, KsymsError
 from .options import REOPEN_MODES
 from .policy import (
@@ -174,6 +175,8 @@ class Device:
         self._cache_image: object = None  # the image the page cache holds pages of
         self._epoch = 0                   # bumped when _cache_image changes
         self._confirmed = False           # an open of this epoch has read (so it invalidated)
+        self._forgotten: tuple[int, bytes] | None = None  # (epoch, digest) of the image the
+        # page cache held when an idle spell dropped it: the same bytes may resume it
         self._coalescer = Coalescer(self._read_sources)
         self._readbuf = ReadBuffer()  # kallsyms is read into it at every open
         self.latest_size = 0
@@ -277,13 +280,14 @@ class Device:
                 return fh
             try:
                 image = self.snapshot(show)
+                resume = self._resume_digest(image)
             except BaseException:
                 self.release(fh)
                 raise
             with self._lock:
                 self._handles[fh].image = image
                 self._served = max(self._served, served_round(len(image)))
-                self._choose_cache(fh)
+                self._choose_cache(fh, resume)
             return fh
         finally:
             with self._lock:
@@ -350,20 +354,35 @@ class Device:
                     self._priv_waiting -= 1
             return self._new_handle(tgid, b"", show), False
 
-    def _choose_cache(self, fh: int) -> None:
-        """Under the lock, once the handle has its image: page cache or direct I/O."""
+    def _choose_cache(self, fh: int, digest: bytes | None = None) -> None:
+        """Under the lock, once the handle has its image: page cache or direct I/O.
+        ``digest``: the image's, when an idle spell dropped the cache image (see
+        ``_resume_digest``)."""
         h = self._handles[fh]
         if any(o.image and o.image is not h.image for o in self._handles.values()):
             h.direct_io, h.keep_cache = True, False  # another snapshot is held
             return
-        if self._cache_image is not h.image:  # a new epoch: this open drops old pages
-            self._new_epoch(h.image)
+        if self._cache_image is not h.image:
+            if (self._cache_image is None and digest is not None
+                    and self._forgotten == (self._epoch, digest)):
+                # the kernel's cached pages are exactly these bytes (nothing else entered
+                # since the idle drop: the epoch did not move): keep them
+                self._cache_image, self._confirmed, self._forgotten = h.image, True, None
+            else:  # a new epoch: this open drops old pages
+                self._new_epoch(h.image)
         h.direct_io, h.keep_cache, h.epoch = False, self._confirmed, self._epoch
+
+    def _resume_digest(self, image: bytes) -> bytes | None:
+        """The image's digest if its bytes might be what the page cache kept over an idle
+        spell (the cache image was dropped idle, no epoch began since), else None."""
+        if self._forgotten is None or self._cache_image is not None:
+            return None
+        return image_digest(image)
 
     def _new_epoch(self, image: bytes | None) -> None:
         """Under the lock: the page cache now belongs to ``image`` (None: to no image);
         no open keeps it until a read of the new epoch proves it was dropped."""
-        self._cache_image, self._confirmed = image, False
+        self._cache_image, self._confirmed, self._forgotten = image, False, None
         self._epoch += 1
 
     def _trim_cache_image(self) -> None:
@@ -466,10 +485,18 @@ class Device:
             left = self._idle_since + min_idle - time.monotonic()
             if left > 0:
                 return left
+            cached = self._cache_image if self._confirmed else None
             self._snap, self._images = None, {}
             self._new_epoch(None)
+            epoch = self._epoch
             self._readbuf.release()  # no read runs: every read is inside an open
         self._coalescer.forget()
+        if cached is not None:  # its pages stay in the kernel: the same bytes may reuse them
+            digest = image_digest(cached)
+            del cached
+            with self._lock:
+                if self._epoch == epoch:
+                    self._forgotten = (epoch, digest)
         return None
 
     def size_for(self, tid: int = 0) -> int:

@@ -11,15 +11,8 @@ import stat
 import time
 from dataclasses import dataclass
 
+from .digest import sha256_hex
 from .errors import KsymsError, MountPointError
-
-try:
-    from _sha2 import sha256 as _sha256  # CPython >= 3.12
-except ImportError:
-    try:
-        from _sha256 import sha256 as _sha256  # CPython 3.11
-    except ImportError:  # another Python: OpenSSL's
-        from hashlib import sha256 as _sha256
 
 FSTYPE = "fuse.ksymsfs"
 MOUNTINFO = "/proc/self/mountinfo"
@@ -70,13 +63,6 @@ def default_run_dir(euid: int, xdg_runtime_dir: str | None) -> str | None:
     if euid == 0:
         return "/run/ksymsfs"
     return os.path.join(xdg_runtime_dir, "ksymsfs") if xdg_runtime_dir else None
-
-
-def sha256_hex(data: bytes) -> str:
-    """SHA-256 without loading OpenSSL: ``hashlib`` maps libcrypto, 3.6 MB of the serving
-    daemon's resident memory for one digest per mount (CPython's own module instead,
-    imported at start: a daemon that dropped privileges may not read the library)."""
-    return _sha256(data).hexdigest()
 
 
 def _key_path(run_dir: str, path: str, suffix: str) -> str:

@@ -136,7 +136,7 @@ class Snapshot:
         Only a snapshot taken with ``keep_raw`` has them: any other raises."""
         if not self.raw and self.raw_modules is None:
             raise ValueError("snapshot taken without keep_raw: no bytes to digest")
-        import hashlib  # here: the daemon never loads OpenSSL (see mountpoint.sha256_hex)
+        import hashlib  # here: the daemon never loads OpenSSL (see digest.py)
         h = hashlib.sha256(self.raw)
         h.update(b"\0modules\0" + (self.raw_modules if self.raw_modules is not None
                                      else b"\xff"))

@@ -321,3 +321,18 @@ def test_snapshot_through_the_buffer_keeps_its_own_bytes(tmp_path):
     ks.write_text("ffffffff81000000 T bbbb\nffffffff81000010 T c\n")  # a longer text
     assert take_snapshot(Sources(str(ks), None), previous=two, keep_raw=True,
                          buffer=buf) is not two
+
+
+def test_image_digest_tells_apart_every_change_of_the_served_bytes():
+    """The page cache outlives an idle spell only for an image whose digest equals the
+    cached one's: a run moved, a byte changed, the size or a longer run must all differ."""
+    from ksymsfs.digest import image_digest
+    from ksymsfs.vimage import VirtualImage
+    one = VirtualImage([(0, b"ab"), (10, b"c")], 20)
+    assert image_digest(one) == image_digest(VirtualImage([(10, b"c"), (0, b"ab")], 20))
+    others = [VirtualImage([(0, b"ab"), (11, b"c")], 20),
+              VirtualImage([(0, b"ab"), (10, b"c")], 21),
+              VirtualImage([(0, b"abc")], 20), VirtualImage([(0, b"ab"), (10, b"d")], 20)]
+    digests = {image_digest(o) for o in others}
+    assert len(digests) == len(others) and image_digest(one) not in digests
+    assert image_digest(b"ab") == image_digest(VirtualImage.of(b"ab"))

@@ -473,7 +473,7 @@ def test_serving_daemon_maps_no_openssl(live_mount):
     The live daemon, after serving an open, has none (and its digest is SHA-256's)."""
     import hashlib
 
-    from ksymsfs.mountpoint import sha256_hex
+    from ksymsfs.digest import sha256_hex
     assert sha256_hex(b"/dev/ksyms") == hashlib.sha256(b"/dev/ksyms").hexdigest()
     assert len(read_all(live_mount.path)) > 0
     with open(f"/proc/{live_mount.pid}/maps") as f:

@@ -7,6 +7,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -224,9 +225,10 @@ def test_section_files_that_are_fifos_are_skipped_not_waited_on(tmp_path):
 
 def test_idle_device_forgets_its_snapshot_and_rebuilds_exactly(tmp_path):
     """After ``min_idle`` s with nothing open the device keeps no kernel state and no image
-    (idle memory); never while an open lasts or sooner; the next open reads afresh, and the
-    page cache gets a new epoch (the reply drops any cached pages)."""
-    dev, ks, _ = _dev(tmp_path)
+    (idle memory); never while an open lasts or sooner; the next open reads afresh. The
+    page cache keeps its pages only if the new image's bytes are the dropped one's (same
+    digest, no epoch since); any other image gets a new epoch (the reply drops them)."""
+    dev, ks, proc = _dev(tmp_path)
     a = dev.open(11, os.O_RDONLY)
     first = dev.image_of(a)
     dev.image_for_read(a)
@@ -240,13 +242,31 @@ def test_idle_device_forgets_its_snapshot_and_rebuilds_exactly(tmp_path):
     b = dev.open(12, os.O_RDONLY)
     again = dev.image_of(b)
     assert again is not first and bytes(again) == bytes(first)  # read and built afresh
-    assert dev.cache_mode(b) == (False, False)
+    assert dev.cache_mode(b) == (False, True)  # the same bytes: the cached pages are good
     dev.release(b)
     ks.write_text(KS + "ffffffff82000000 T late\n")
     dev.forget_idle(0)
     c = dev.open(13, os.O_RDONLY)
     assert len(parse_image(bytes(dev.image_of(c)))) == 101
-    dev.release(c)
+    assert dev.cache_mode(c) == (False, False)  # other bytes: a new epoch drops the pages
+    dev.release(c)  # c never read: its epoch is unproven
+    dev.forget_idle(0)
+    d = dev.open(14, os.O_RDONLY)
+    assert dev.cache_mode(d) == (False, False)  # nothing proven to be cached: no resume
+    dev.image_for_read(d)
+    dev.release(d)
+    dev.forget_idle(0)
+    fake_proc(proc, 21, 21, 65534, 0)
+    e = dev.open(21, os.O_RDONLY)  # same kernel, the other address policy: other bytes
+    assert dev.cache_mode(e) == (False, False)
+    dev.image_for_read(e)
+    dev.release(e)
+    dev.forget_idle(0)
+    with dev._lock:
+        dev._new_epoch(None)  # e.g. a direct open's mapping filled pages meanwhile
+    f = dev.open(21, os.O_RDONLY)
+    assert dev.cache_mode(f) == (False, False)  # the epoch moved: no resume
+    dev.release(f)
 
 
 def _finishes(fn, timeout: float = 20) -> list:
@@ -287,3 +307,56 @@ def test_notes_and_seqnum_fifos_are_refused_not_waited_on(tmp_path):
     seq2 = tmp_path / "seq2"
     seq2.write_text("1234\n")
     assert _finishes(lambda: consistency._read_seqnum(str(seq2))) == ("ok", b"1234\n")
+
+
+def _resident_pages(fd: int) -> tuple[int, int]:
+    """(pages of the open file in the kernel's page cache, pages in all): mincore on a
+    mapping, which faults nothing in."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = os.fstat(fd).st_size
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    try:
+        npages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * npages)()
+        assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+        return sum(v & 1 for v in vec), npages
+    finally:
+        libc.munmap(addr, size)
+
+
+@pytest.mark.fuse
+def test_page_cache_outlives_an_idle_spell_only_for_the_same_bytes(tmp_path):
+    """The daemon drops its snapshot after an idle spell (fusefs.IDLE_FORGET); the kernel
+    keeps the pages. The next open of an unchanged kernel keeps them too (same bytes, by
+    digest); after a change the open drops them and every byte read is the new one's."""
+    from ksymsfs.fusefs import IDLE_FORGET
+    require_fuse()
+    src = tmp_path / "src"
+    ks, mods = write_sources(src, [f"m{i}" for i in range(40)])
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+    try:
+        first = Path(m.path).read_bytes()
+        time.sleep(IDLE_FORGET + 2)  # forgotten (and trimmed) by now
+        fd = os.open(m.path, os.O_RDONLY)
+        resident, npages = _resident_pages(fd)
+        assert resident == npages  # kept: no page of it had to come from the daemon
+        assert os.pread(fd, len(first) + 1, 0) == first
+        os.close(fd)
+        write_sources(src, ["alpha"])
+        time.sleep(IDLE_FORGET + 2)
+        fd = os.open(m.path, os.O_RDONLY)
+        resident, _ = _resident_pages(fd)
+        assert resident == 0  # another image: its open dropped the old pages
+        new = os.pread(fd, 1 << 28, 0)
+        os.close(fd)
+        assert new != first and "m39" not in parse_image(new).modules
+        assert "alpha" in parse_image(new).modules
+    finally:
+        m.stop()
