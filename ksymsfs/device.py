@@ -16,7 +16,9 @@ direct I/O) only while every open handle holds the same immutable image object (
 snapshot, one address policy); it keeps the cached pages (FOPEN_KEEP_CACHE) only once a
 read on a handle of that *cache epoch* proves the epoch's first, invalidating open has
 finished in the kernel. An open whose image differs from one still held is direct I/O:
-its reads never touch the page cache. (An ``mmap`` always goes through the page cache:
+its reads never touch the page cache. After an idle spell the device drops its images,
+not the kernel its pages: an open whose new image has the dropped one's digest (and no
+epoch began since) keeps them. (An ``mmap`` always goes through the page cache:
 a direct-I/O open that maps a different snapshot while another is held shares pages with
 it, as before; policies never mix, since opens of another policy are refused.)
 """
