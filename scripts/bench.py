@@ -374,15 +374,9 @@ def sec_live(rep: Report, args, mount: Mount | None, mount_err: str, work: str) 
     mp = mount.mountpoint
     local = os.path.join(work, "live-local.elf")
     shutil.copyfile(mp, local)  # the same bytes, zeros included, as a page-cached file
-    # interleaved (the kernel's read speed drifts over seconds): kallsyms, mount, copy
-    runs: dict[str, list[float]] = {"cat": [], "mount": [], "local": []}
-    for what in ("cat", "mount", "local") * 2:  # warm-up
-        run_quiet(["cat", {"cat": kall, "mount": mp, "local": local}[what]])
-    for _ in range(max(n, 9)):
-        for what, path in (("cat", kall), ("mount", mp), ("local", local)):
-            t = time.perf_counter()
-            run_quiet(["cat", path])
-            runs[what].append(time.perf_counter() - t)
+    tcat, tmount, tlocal = _interleaved([["cat", kall], ["cat", mp], ["cat", local]],
+                                        max(n, 9))
+    runs = {"cat": tcat, "mount": tmount, "local": tlocal}
     icat, fcat, lcat = (med(runs[k]) for k in ("cat", "mount", "local"))
     frd = timed(lambda: read_all(mp), n)
     lim = TARGETS["live_open_read"]
@@ -440,6 +434,19 @@ def vm_guest_row(rep: Report, path: str | None) -> dict:
 # b) nm / readelf on the mount vs a local copy
 
 
+def _interleaved(cmds: list[list[str]], repeat: int) -> list[list[float]]:
+    """Wall times of each command, run in turn ``repeat`` times after one warm-up round
+    (the machine's and the kernel's speed drift over seconds: same-run, same-moment)."""
+    out: list[list[float]] = [[] for _ in cmds]
+    for i in range(repeat + 1):
+        for cmd, times in zip(cmds, out):
+            t = time.perf_counter()
+            run_quiet(cmd)
+            if i:
+                times.append(time.perf_counter() - t)
+    return out
+
+
 def sec_tools(rep: Report, args, mount: Mount | None, mount_err: str, work: str,
               static: Mount | None = None) -> dict:
     rep.section("b) nm and readelf -s: on the mount vs on a local copy of the image")
@@ -454,7 +461,6 @@ def sec_tools(rep: Report, args, mount: Mount | None, mount_err: str, work: str,
     res["image_bytes"] = os.path.getsize(local)
     lim = TARGETS["tool_mount_vs_local"]
     # every open must read the kernel's table afresh: local + one read is the floor
-    tk = timed(lambda: run_quiet(["cat", "/proc/kallsyms"]), args.repeat)
     for tool, targs in (("nm", []), ("readelf", ["-s", "-W"])):
         exe = shutil.which(tool)
         if not exe:
@@ -470,8 +476,8 @@ def sec_tools(rep: Report, args, mount: Mount | None, mount_err: str, work: str,
             rep.row(f"{tool} {' '.join(targs)} MOUNT", None, "", "local copy", None,
                     f"<= {lim}x", rep.check(f"{tool}_mount_vs_local", None, lim, False))
             continue
-        tm = timed(lambda e=exe, a=targs: run_quiet([e, *a, mp]), args.repeat)
-        tl = timed(lambda e=exe, a=targs: run_quiet([e, *a, local]), args.repeat)
+        tm, tl, tk = _interleaved([[exe, *targs, mp], [exe, *targs, local],
+                                   ["cat", "/proc/kallsyms"]], max(args.repeat, 7))
         ratio = med(tm) / med(tl)
         floor = med(tl) + med(tk)
         ok = rep.check(f"{tool}_mount_vs_local", med(tm) / floor, lim,
