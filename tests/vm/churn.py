@@ -304,16 +304,23 @@ def bpf_classifier(base_lines: list[str], log_path: str):
     base_key, base_counter = base.key(), _lazy(base.counter)
     bpf = im.mod_id("bpf")
 
+    spans: dict[str, list[float]] = {}
+    read_to = [0]  # bytes of the churner's log already parsed: each image reads only news
+
     def life() -> dict[str, list[float]]:
-        out: dict[str, list[float]] = {}
-        for ln in open(log_path):
+        with open(log_path, "rb") as f:
+            f.seek(read_to[0])
+            news = f.read()
+        news = news[:news.rfind(b"\n") + 1]  # a line being written waits for the next image
+        read_to[0] += len(news)
+        for ln in news.decode().splitlines():
             ev, name, a, b = ln.split()
-            span = out.setdefault(name, [0.0, 0.0, float("inf"), float("inf")])
+            span = spans.setdefault(name, [0.0, 0.0, float("inf"), float("inf")])
             if ev == "load":
                 span[0], span[1] = float(a), float(b)
             else:
                 span[2], span[3] = float(a), float(b)
-        return out
+        return spans
 
     seen: dict[bytes, tuple[str, list[str]]] = {}
 
@@ -346,6 +353,7 @@ def alive_together(have: set[str], spans: dict[str, list[float]], t0: float,
                    t1: float) -> str:
     """"" iff at some instant in [t0, t1] the programs that may be alive include ``have``
     and those surely alive are in it (spans: load start/end, close start/end)."""
+    spans = {n: s for n, s in spans.items() if s[0] <= t1 and s[3] >= t0}  # the rest: never
     times = sorted({t0, t1, *(x for s in spans.values() for x in s if t0 <= x <= t1)})
     probes = times + [(a + b) / 2 for a, b in zip(times, times[1:])]
     for t in probes:

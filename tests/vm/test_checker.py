@@ -138,6 +138,24 @@ def test_bpf_programs_alive_together_pass(tmp_path, how: str) -> None:
     assert bpf_verdict(tmp_path, LINES + [prog("kc1", 1)], how, 3.5, 3.6) == ""
 
 
+def test_bpf_log_is_read_as_it_grows(tmp_path) -> None:
+    """The classifier reads only what the churner appended since the last image; a line
+    still being written counts once it is whole."""
+    log = tmp_path / "bpf.log"
+    log.write_text("load kc1 1.0 1.1\n")
+    classify = churn.bpf_classifier(LINES, str(log))
+    img = served(tmp_path, LINES + [prog("kc1", 1), prog("kc2", 2)], MODULES, "snapshot")
+    assert "never alive together" in classify(None, img, 2.5, 2.6)  # kc2 not loaded yet
+    with open(log, "a") as f:
+        f.write("load kc2 2.0 2.1\nclose kc2 3.0")  # the close is half written
+    assert classify(None, img, 2.5, 2.6) == ""
+    assert classify(None, img, 3.5, 3.6) == ""  # no close seen: kc2 may still be alive...
+    with open(log, "a") as f:
+        f.write(" 3.1\n")
+    assert "never alive together" in classify(None, img, 3.5, 3.6)  # ...now surely gone
+    assert classify(None, img, 2.5, 2.6) == ""
+
+
 @pytest.mark.parametrize("how", ["image", "snapshot"])
 @pytest.mark.parametrize("case", ["never together", "twice", "other bpf line gone",
                                   "module line gone"])
