@@ -53,6 +53,7 @@ class Image:
     letters: np.ndarray | None  # uint8 kallsyms letter per symbol, from .ksyms.info
     modkey: np.ndarray        # per symbol: offset in .ksyms.modules, or st_shndx
     modname: Callable[[int], str]  # modkey value -> module name ("" = kernel)
+    strtab_off: int = -1      # file offset of the string table in ``data`` (-1: unknown)
 
     def __len__(self) -> int:
         return len(self.syms)
@@ -79,6 +80,19 @@ class Image:
         if not hasattr(self, "_first"):
             self._first = self.strtab[self.syms["st_name"]]
         return self._first
+
+    def name_heads(self) -> np.ndarray:
+        """First four bytes at every symbol's st_name as one little-endian uint32 (cached):
+        one gather, after which each name search is a compare. Bytes past a name's NUL are
+        whatever follows it (``nlist`` masks them)."""
+        if not hasattr(self, "_heads"):
+            tab, off = self.strtab, self.strtab_off
+            buf = self.data
+            if off < 0 or off + len(tab) + 3 > len(buf):  # no 3 bytes to read past the end
+                buf, off = np.concatenate((tab, np.zeros(3, np.uint8))).tobytes(), 0
+            heads = np.ndarray((len(tab),), "<u4", buf, off, (1,))  # unaligned, overlapping
+            self._heads = heads[self.syms["st_name"]]
+        return self._heads
 
     def by_address(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """[(indices sorted by value, global first; their values)] for the symbols in
@@ -173,7 +187,7 @@ def parse_image(image: ImageLike, path: str | None = None) -> Image:
                           f"section {int(shndx[bad][0])} of {shnum}")
     letters, modkey, modname = _ksyms_info(data, path, sh, names, len(syms), order, shndx)
     return Image(data, path, cls, order, int(eh["e_machine"]), sh, names, syms, strtab,
-                 letters, modkey, modname)
+                 letters, modkey, modname, int(sh[link]["sh_offset"]))
 
 
 def _section_bytes(data, path, sh, idx, what) -> np.ndarray:
@@ -246,23 +260,36 @@ def nlist_type(img: Image, i: int) -> int:
     return n_type_of(shndx, info >> 4, info & 15, len(img.shdrs), sh_type, sh_flags)
 
 
+_FEW = 16  # candidates compared as bytes rather than array by array
+
+
 def _find_name(img: Image, want: bytes) -> np.ndarray:
-    """Indices of symbols named exactly ``want``: first byte, terminator, then byte by byte."""
+    """Indices of symbols named exactly ``want`` (st_name -> want, then a NUL, inside the
+    string table): the first four bytes (NUL included) at once, then byte by byte."""
     if not want:
         return np.zeros(0, np.int64)
-    cand = np.flatnonzero(img.first_bytes() == want[0])
+    pat = want + b"\0"
+    head = pat[:4]
+    key = int.from_bytes(head, "little")
+    heads = img.name_heads()
+    if len(head) == 4:
+        cand = np.flatnonzero(heads == np.uint32(key))
+    else:
+        cand = np.flatnonzero((heads & np.uint32((1 << 8 * len(head)) - 1)) == np.uint32(key))
+    if len(pat) <= 4 or len(cand) == 0:
+        return cand
     off = img.syms["st_name"][cand].astype(np.int64)
-    end = off + len(want)
-    inside = end < len(img.strtab)
-    cand, off, end = cand[inside], off[inside], end[inside]
-    keep = img.strtab[end] == 0
+    keep = off + len(want) < len(img.strtab)
     cand, off = cand[keep], off[keep]
-    for j in range(1, len(want)):  # most candidates drop at the first bytes
-        keep = img.strtab[off + j] == want[j]
-        cand, off = cand[keep], off[keep]
-        if len(cand) == 0:
+    for j in [len(want), *range(4, len(want))]:  # the NUL first: it drops the most
+        if len(cand) <= _FEW:
             break
-    return cand
+        keep = img.strtab[off + j] == pat[j]
+        cand, off = cand[keep], off[keep]
+    tab = img.strtab
+    found = [i for i, o in zip(cand.tolist(), off.tolist())
+             if tab[o:o + len(pat)].tobytes() == pat]
+    return np.array(found, np.int64)
 
 
 def nlist(image: ImageLike | Image, names: Iterable[str]) -> dict[str, list[NlistHit]]:
