@@ -156,8 +156,9 @@ def build_virtual(table: SymbolTable, target: Target, load_order: list[str] | No
     del rank, is_global
     lay = _Layout(target, n, sym_t, len(table.strtab), len(modstr), sections, note_secs,
                   len(shstr))
-    front, out, b = bytearray(lay.frontsize), bytearray(lay.filesize - lay.backoff), lay.backoff
-    sym = np.frombuffer(out, sym_t, n + 1, lay.symoff - b)[1:]
+    front = bytearray(lay.frontsize)
+    symtab = np.zeros(n + 1, sym_t)  # numpy memory: large arrays get huge pages (madvise)
+    sym = symtab[1:]
     sym["st_name"] = table.name_off[order]
     sym["st_value"] = addr[order]
     sym["st_size"] = size[order]
@@ -169,18 +170,23 @@ def build_virtual(table: SymbolTable, target: Target, load_order: list[str] | No
         del other
     sym["st_shndx"] = shndx[order]
     del sym, shndx
-    words = np.frombuffer(out, word_dtype(target.data), n + 1, lay.infooff - b)
+    words = np.zeros(n + 1, word_dtype(target.data))
     word = np.take(modoff << np.uint32(8), table.module)
     word |= table.letter
     words[1:] = word[order]
-    del words, word, order
-    out[lay.stroff - b:lay.stroff - b + len(table.strtab)] = table.strtab
-    out[lay.modsoff - b:lay.modsoff - b + len(modstr)] = modstr
-    out[lay.shstroff - b:lay.shstroff - b + len(shstr)] = shstr
+    del word, order
+    shdrs = bytearray(lay.shnum * lay.shdr_t.itemsize)
     for (_, _, data), off in zip(note_secs, lay.note_offs):
         front[off:off + len(data)] = data
-    lay.write_headers(front, out, name_offs, first_global)
-    return VirtualImage([(0, front), (b, out)], lay.filesize)
+    lay.write_headers(front, shdrs, name_offs, first_global)
+    # the stored tail, .symtab to the section headers, in one copy into one bytes object
+    # (no zero-filled buffer written twice; VirtualImage keeps bytes as they are)
+    back = b"".join((symtab, table.strtab, bytes(lay.infooff - lay.stroff - lay.strsize),
+                     words, modstr, shstr,
+                     bytes(lay.shoff - lay.shstroff - lay.shstrsize), shdrs))
+    del symtab, words
+    assert len(back) == lay.filesize - lay.backoff
+    return VirtualImage([(0, front), (lay.backoff, back)], lay.filesize)
 
 
 def _mapping_symbols(table: SymbolTable, info: np.ndarray) -> np.ndarray | None:
@@ -270,10 +276,11 @@ class _Layout:
         note = (self.note_offs[0], len(note_secs[0][2])) if kernel_note else None
         self.segments = segments(sections, note)
 
-    def write_headers(self, front: bytearray, back: bytearray, name_offs: dict[str, int],
+    def write_headers(self, front: bytearray, shdrs: bytearray, name_offs: dict[str, int],
                       first_global: int) -> None:
+        """Ehdr and Phdr[] into ``front``, Shdr[] into ``shdrs`` (the table alone)."""
         t = self.target
-        sh = np.frombuffer(back, self.shdr_t, self.shnum, self.shoff - self.backoff)
+        sh = np.frombuffer(shdrs, self.shdr_t, self.shnum)
         word = 4 if t.elfclass == ELFCLASS32 else 8
         for i, s in enumerate(self.sections, start=1):
             sh[i] = (name_offs[s.name], s.sh_type, s.sh_flags, s.addr, s.offset, s.size,
