@@ -137,12 +137,14 @@ def build_virtual(table: SymbolTable, target: Target, load_order: list[str] | No
         raise ImageError("addresses do not fit in a 32-bit ELF class; use --class 64")
     cls = np.take(lt.LETTER_CLASS, table.letter)
     info = np.take(lt.LETTER_INFO, table.letter)
-    other = _mapping_symbols(table, info)
+    mapping = mapping_mask(table.strtab, table.name_off)  # in kallsyms order: sequential
+    other = _mapping_symbols(mapping, info)
     ranks = module_ranks(table, load_order)
     rank = np.take(ranks.astype(np.uint16) if len(ranks) <= 1 << 16 else ranks, table.module)
     sym_t = sym_dtype(target.elfclass, target.data)
     modstr, modoff = _module_strtab(table.modules)
-    sections, shndx, size = _sections(table, addr, cls, rank, section_bases)
+    sections, shndx, size = _sections(table, addr, cls, rank, section_bases, mapping)
+    del mapping
     del cls
     note_secs = _note_sections(notes, table.modules, ranks,
                                "<" if target.data == ELFDATA2LSB else ">")
@@ -189,15 +191,14 @@ def build_virtual(table: SymbolTable, target: Target, load_order: list[str] | No
     return VirtualImage([(0, front), (lay.backoff, back)], lay.filesize)
 
 
-def _mapping_symbols(table: SymbolTable, info: np.ndarray) -> np.ndarray | None:
+def _mapping_symbols(mapping: np.ndarray, info: np.ndarray) -> np.ndarray | None:
     """Write local ARM/AArch64 mapping symbols ($a $d $t $x, $x.N) as their assembler
     makes them, STT_NOTYPE, and STV_HIDDEN (changes ``info``); their st_other (None: no
     mapping symbols). Size 0, local, notype and hidden is what binutils' symbol-table
     function lookup skips (``_bfd_elf_maybe_function_sym``, the annobin rule), so
     addr2line names the function around them on any e_machine (README "Symbol sizes and
-    lookup"). nm letters do not change."""
-    mapping = mapping_mask(table.strtab, table.name_off)
-    mapping &= (info >> 4) == STB_LOCAL
+    lookup"). nm letters do not change. ``mapping``: mapping_mask of every symbol."""
+    mapping = mapping & ((info >> 4) == STB_LOCAL)
     if not mapping.any():
         return None
     info[mapping] = ELF_ST_INFO(STB_LOCAL, STT_NOTYPE)
@@ -347,8 +348,11 @@ def _sort_sectioned(cls, addr, rank) -> np.ndarray:
     return np.lexsort((cls, addr, rank))
 
 
-def _sections(table, addr, cls, rank, section_bases):
-    """Group sectioned symbols into address sections; returns (sections, st_shndx, st_size)."""
+def _sections(table, addr, cls, rank, section_bases, mapping):
+    """Group sectioned symbols into address sections; returns (sections, st_shndx, st_size).
+
+    ``mapping``: per symbol (kallsyms order), is it a mapping symbol (sizes.mapping_mask).
+    """
     n = len(table)
     shndx = np.zeros(n, np.uint16)
     shndx[cls == lt.ABS] = SHN_ABS
@@ -362,7 +366,7 @@ def _sections(table, addr, cls, rank, section_bases):
     o = o[_sort_sectioned(cls[o], addr[o], rank[o])]
     a, r = addr[o], rank[o]
     pseudo = np.array([bool(i) and is_pseudo_module(m) for i, m in enumerate(table.modules)])
-    sz = run_sizes(a, r, SIZE_CAP, unsized(table.strtab, table.name_off[o], cls[o]),
+    sz = run_sizes(a, r, SIZE_CAP, unsized(mapping[o], cls[o]),
                    pseudo[table.module[o]])
     # a run: same module, same class, contiguous in address order
     c = cls[o]
