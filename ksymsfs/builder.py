@@ -137,12 +137,14 @@ def build_virtual(table: SymbolTable, target: Target, load_order: list[str] | No
         raise ImageError("addresses do not fit in a 32-bit ELF class; use --class 64")
     cls = np.take(lt.LETTER_CLASS, table.letter)
     info = np.take(lt.LETTER_INFO, table.letter)
-    other = _mapping_symbols(table, info)
+    mapping = mapping_mask(table.strtab, table.name_off)  # in kallsyms order: sequential
+    other = _mapping_symbols(mapping, info)
     ranks = module_ranks(table, load_order)
     rank = np.take(ranks.astype(np.uint16) if len(ranks) <= 1 << 16 else ranks, table.module)
     sym_t = sym_dtype(target.elfclass, target.data)
     modstr, modoff = _module_strtab(table.modules)
-    sections, shndx, size = _sections(table, addr, cls, rank, section_bases)
+    sections, shndx, size = _sections(table, addr, cls, rank, section_bases, mapping)
+    del mapping
     del cls
     note_secs = _note_sections(notes, table.modules, ranks,
                                "<" if target.data == ELFDATA2LSB else ">")
@@ -156,8 +158,9 @@ def build_virtual(table: SymbolTable, target: Target, load_order: list[str] | No
     del rank, is_global
     lay = _Layout(target, n, sym_t, len(table.strtab), len(modstr), sections, note_secs,
                   len(shstr))
-    front, out, b = bytearray(lay.frontsize), bytearray(lay.filesize - lay.backoff), lay.backoff
-    sym = np.frombuffer(out, sym_t, n + 1, lay.symoff - b)[1:]
+    front = bytearray(lay.frontsize)
+    symtab = np.zeros(n + 1, sym_t)  # numpy memory: large arrays get huge pages (madvise)
+    sym = symtab[1:]
     sym["st_name"] = table.name_off[order]
     sym["st_value"] = addr[order]
     sym["st_size"] = size[order]
@@ -169,29 +172,33 @@ def build_virtual(table: SymbolTable, target: Target, load_order: list[str] | No
         del other
     sym["st_shndx"] = shndx[order]
     del sym, shndx
-    words = np.frombuffer(out, word_dtype(target.data), n + 1, lay.infooff - b)
+    words = np.zeros(n + 1, word_dtype(target.data))
     word = np.take(modoff << np.uint32(8), table.module)
     word |= table.letter
     words[1:] = word[order]
-    del words, word, order
-    out[lay.stroff - b:lay.stroff - b + len(table.strtab)] = table.strtab
-    out[lay.modsoff - b:lay.modsoff - b + len(modstr)] = modstr
-    out[lay.shstroff - b:lay.shstroff - b + len(shstr)] = shstr
+    del word, order
+    shdrs = bytearray(lay.shnum * lay.shdr_t.itemsize)
     for (_, _, data), off in zip(note_secs, lay.note_offs):
         front[off:off + len(data)] = data
-    lay.write_headers(front, out, name_offs, first_global)
-    return VirtualImage([(0, front), (b, out)], lay.filesize)
+    lay.write_headers(front, shdrs, name_offs, first_global)
+    # the stored tail, .symtab to the section headers, in one copy into one bytes object
+    # (no zero-filled buffer written twice; VirtualImage keeps bytes as they are)
+    back = b"".join((symtab, table.strtab, bytes(lay.infooff - lay.stroff - lay.strsize),
+                     words, modstr, shstr,
+                     bytes(lay.shoff - lay.shstroff - lay.shstrsize), shdrs))
+    del symtab, words
+    assert len(back) == lay.filesize - lay.backoff
+    return VirtualImage([(0, front), (lay.backoff, back)], lay.filesize)
 
 
-def _mapping_symbols(table: SymbolTable, info: np.ndarray) -> np.ndarray | None:
+def _mapping_symbols(mapping: np.ndarray, info: np.ndarray) -> np.ndarray | None:
     """Write local ARM/AArch64 mapping symbols ($a $d $t $x, $x.N) as their assembler
     makes them, STT_NOTYPE, and STV_HIDDEN (changes ``info``); their st_other (None: no
     mapping symbols). Size 0, local, notype and hidden is what binutils' symbol-table
     function lookup skips (``_bfd_elf_maybe_function_sym``, the annobin rule), so
     addr2line names the function around them on any e_machine (README "Symbol sizes and
-    lookup"). nm letters do not change."""
-    mapping = mapping_mask(table.strtab, table.name_off)
-    mapping &= (info >> 4) == STB_LOCAL
+    lookup"). nm letters do not change. ``mapping``: mapping_mask of every symbol."""
+    mapping = mapping & ((info >> 4) == STB_LOCAL)
     if not mapping.any():
         return None
     info[mapping] = ELF_ST_INFO(STB_LOCAL, STT_NOTYPE)
@@ -270,10 +277,11 @@ class _Layout:
         note = (self.note_offs[0], len(note_secs[0][2])) if kernel_note else None
         self.segments = segments(sections, note)
 
-    def write_headers(self, front: bytearray, back: bytearray, name_offs: dict[str, int],
+    def write_headers(self, front: bytearray, shdrs: bytearray, name_offs: dict[str, int],
                       first_global: int) -> None:
+        """Ehdr and Phdr[] into ``front``, Shdr[] into ``shdrs`` (the table alone)."""
         t = self.target
-        sh = np.frombuffer(back, self.shdr_t, self.shnum, self.shoff - self.backoff)
+        sh = np.frombuffer(shdrs, self.shdr_t, self.shnum)
         word = 4 if t.elfclass == ELFCLASS32 else 8
         for i, s in enumerate(self.sections, start=1):
             sh[i] = (name_offs[s.name], s.sh_type, s.sh_flags, s.addr, s.offset, s.size,
@@ -340,8 +348,11 @@ def _sort_sectioned(cls, addr, rank) -> np.ndarray:
     return np.lexsort((cls, addr, rank))
 
 
-def _sections(table, addr, cls, rank, section_bases):
-    """Group sectioned symbols into address sections; returns (sections, st_shndx, st_size)."""
+def _sections(table, addr, cls, rank, section_bases, mapping):
+    """Group sectioned symbols into address sections; returns (sections, st_shndx, st_size).
+
+    ``mapping``: per symbol (kallsyms order), is it a mapping symbol (sizes.mapping_mask).
+    """
     n = len(table)
     shndx = np.zeros(n, np.uint16)
     shndx[cls == lt.ABS] = SHN_ABS
@@ -355,7 +366,7 @@ def _sections(table, addr, cls, rank, section_bases):
     o = o[_sort_sectioned(cls[o], addr[o], rank[o])]
     a, r = addr[o], rank[o]
     pseudo = np.array([bool(i) and is_pseudo_module(m) for i, m in enumerate(table.modules)])
-    sz = run_sizes(a, r, SIZE_CAP, unsized(table.strtab, table.name_off[o], cls[o]),
+    sz = run_sizes(a, r, SIZE_CAP, unsized(mapping[o], cls[o]),
                    pseudo[table.module[o]])
     # a run: same module, same class, contiguous in address order
     c = cls[o]

@@ -99,9 +99,10 @@ def cut_runs(a: np.ndarray, sz: np.ndarray, new: np.ndarray, alloc: np.ndarray,
             break
         gap //= 2
     lens = np.diff(firsts, append=len(a))
-    room = np.repeat(ends, lens) - a
-    sizes = np.minimum(sz.astype(np.uint64), room).astype(np.uint32)
-    return Runs(firsts, ends, sizes)
+    room = np.repeat(ends, lens)  # each symbol's section end, then the room left to it
+    room -= a
+    np.minimum(room, sz, out=room)
+    return Runs(firsts, ends, room.astype(np.uint32))
 
 
 def _clip(starts: np.ndarray, lasts: np.ndarray, ends: np.ndarray,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +39,11 @@ from .sizes import mapping_mask
 
 @dataclass
 class Image:
-    """A parsed image: headers and the symbol table as numpy views over the bytes."""
+    """A parsed image: headers and the symbol table as numpy views over the bytes.
+
+    What only some readers need (section names, letters, module keys) is decoded on first
+    use; ``parse_image`` has checked its bounds already.
+    """
 
     data: bytes
     path: str
@@ -47,12 +51,47 @@ class Image:
     byteorder: int
     machine: int
     shdrs: np.ndarray
-    section_names: list[str]
+    shstrtab: bytes | None    # section name table (None: e_shstrndx is 0)
     syms: np.ndarray          # symtab entries without the null entry 0
     strtab: np.ndarray        # uint8 view of the string table
-    letters: np.ndarray | None  # uint8 kallsyms letter per symbol, from .ksyms.info
-    modkey: np.ndarray        # per symbol: offset in .ksyms.modules, or st_shndx
-    modname: Callable[[int], str]  # modkey value -> module name ("" = kernel)
+    info: np.ndarray | None   # .ksyms.info word per symbol (letter | module offset << 8)
+    modtab: bytes             # .ksyms.modules (b"" without .ksyms.info)
+    strtab_off: int = -1      # file offset of the string table in ``data`` (-1: unknown)
+
+    @property
+    def section_names(self) -> list[str]:
+        if not hasattr(self, "_secnames"):
+            tab = self.shstrtab
+            self._secnames = [""] * len(self.shdrs) if tab is None else [
+                _cstr(tab, n) for n in self.shdrs["sh_name"].tolist()]
+        return self._secnames
+
+    @property
+    def letters(self) -> np.ndarray | None:
+        """uint8 kallsyms letter per symbol, from .ksyms.info (None without it)."""
+        if self.info is None:
+            return None
+        if not hasattr(self, "_letters"):
+            self._letters = (self.info & 0xFF).astype(np.uint8)
+        return self._letters
+
+    @property
+    def modkey(self) -> np.ndarray:
+        """Per symbol: offset in .ksyms.modules, or st_shndx (module from section name)."""
+        if self.info is None:
+            return self.syms["st_shndx"]
+        if not hasattr(self, "_modkey"):
+            self._modkey = self.info >> 8
+        return self._modkey
+
+    def modname(self, k: int) -> str:
+        """modkey value -> module name ("" = kernel)."""
+        if self.info is not None:
+            return _cstr(self.modtab, k)
+        if not hasattr(self, "_secmod"):
+            self._secmod = [n[n.rindex("[") + 1:-1] if n.endswith("]") and "[" in n else ""
+                            for n in self.section_names]
+        return self._secmod[k] if k < len(self._secmod) else ""
 
     def __len__(self) -> int:
         return len(self.syms)
@@ -79,6 +118,19 @@ class Image:
         if not hasattr(self, "_first"):
             self._first = self.strtab[self.syms["st_name"]]
         return self._first
+
+    def name_heads(self) -> np.ndarray:
+        """First four bytes at every symbol's st_name as one little-endian uint32 (cached):
+        one gather, after which each name search is a compare. Bytes past a name's NUL are
+        whatever follows it (``nlist`` masks them)."""
+        if not hasattr(self, "_heads"):
+            tab, off = self.strtab, self.strtab_off
+            buf = self.data
+            if off < 0 or off + len(tab) + 3 > len(buf):  # no 3 bytes to read past the end
+                buf, off = np.concatenate((tab, np.zeros(3, np.uint8))).tobytes(), 0
+            heads = np.ndarray((len(tab),), "<u4", buf, off, (1,))  # unaligned, overlapping
+            self._heads = heads[self.syms["st_name"]]
+        return self._heads
 
     def by_address(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """[(indices sorted by value, global first; their values)] for the symbols in
@@ -150,7 +202,7 @@ def parse_image(image: ImageLike, path: str | None = None) -> Image:
     if shoff + shnum * shentsize > len(data):
         raise _fail(path, "section header table extends past end of file")
     sh = np.frombuffer(data, sh_t, shnum, shoff)
-    names = _section_names(data, path, sh, int(eh["e_shstrndx"]))
+    shstrtab = _section_name_table(data, path, sh, int(eh["e_shstrndx"]))
     symtabs = np.flatnonzero(sh["sh_type"] == SHT_SYMTAB)
     if len(symtabs) == 0:
         raise _fail(path, "no .symtab section")
@@ -167,13 +219,15 @@ def parse_image(image: ImageLike, path: str | None = None) -> Image:
     if len(syms) and int(syms["st_name"].max()) >= len(strtab):
         raise _fail(path, "symbol name offset past end of string table")
     shndx = syms["st_shndx"]
-    bad = (shndx >= shnum) & (shndx < SHN_LORESERVE)
-    if bad.any():
+    # st_shndx in [shnum, SHN_LORESERVE) is bad: shifted by -shnum (mod 2**16), those are
+    # exactly the values below SHN_LORESERVE - shnum; one pass and a min
+    if len(syms) and int((shndx - np.uint16(shnum)).min()) < SHN_LORESERVE - shnum:
+        bad = (shndx >= shnum) & (shndx < SHN_LORESERVE)
         raise _fail(path, f"symbol {int(np.flatnonzero(bad)[0]) + 1} refers to "
                           f"section {int(shndx[bad][0])} of {shnum}")
-    letters, modkey, modname = _ksyms_info(data, path, sh, names, len(syms), order, shndx)
-    return Image(data, path, cls, order, int(eh["e_machine"]), sh, names, syms, strtab,
-                 letters, modkey, modname)
+    info, modtab = _ksyms_info(data, path, sh, shstrtab, len(syms), order)
+    return Image(data, path, cls, order, int(eh["e_machine"]), sh, shstrtab, syms, strtab,
+                 info, modtab, int(sh[link]["sh_offset"]))
 
 
 def _section_bytes(data, path, sh, idx, what) -> np.ndarray:
@@ -185,41 +239,52 @@ def _section_bytes(data, path, sh, idx, what) -> np.ndarray:
     return np.frombuffer(data, np.uint8, size, off)
 
 
-def _section_names(data, path, sh, shstrndx) -> list[str]:
+def _section_name_table(data, path, sh, shstrndx) -> bytes | None:
+    """.shstrtab's bytes, every sh_name checked to lie inside it (None: no table)."""
     if shstrndx == 0:
-        return [""] * len(sh)
+        return None
     tab = _section_bytes(data, path, sh, shstrndx, ".shstrtab").tobytes()
-    out = []
-    for n in sh["sh_name"].tolist():
-        if n >= len(tab):
-            raise _fail(path, "section name offset past end of .shstrtab")
-        end = tab.find(b"\0", n)
-        out.append(tab[n:end if end >= 0 else len(tab)].decode("utf-8", "surrogateescape"))
-    return out
+    if int(sh["sh_name"].max()) >= len(tab):
+        raise _fail(path, "section name offset past end of .shstrtab")
+    return tab
 
 
-def _ksyms_info(data, path, sh, names, nsyms, order, shndx):
-    """kallsyms letters and a module key per symbol: from .ksyms.info/.ksyms.modules when
-    present, else from section names ("name[module]"). Names are resolved lazily."""
-    if INFO_SECTION in names and MODULES_SECTION in names:
-        info = _section_bytes(data, path, sh, names.index(INFO_SECTION), INFO_SECTION)
-        mods = _section_bytes(data, path, sh, names.index(MODULES_SECTION), MODULES_SECTION)
-        if len(info) == 4 * (nsyms + 1) and len(mods) and mods[-1] == 0:
-            words = info.view(word_dtype(order))[1:]
-            modoff = words >> 8
-            if len(words) and int(modoff.max()) >= len(mods):
-                raise _fail(path, f"{INFO_SECTION} refers past end of {MODULES_SECTION}")
-            modtab = mods.tobytes()
+def _cstr(tab: bytes, off: int) -> str:
+    """The string at ``off`` up to its NUL (or the end of ``tab``)."""
+    end = tab.find(b"\0", off)
+    return tab[off:end if end >= 0 else len(tab)].decode("utf-8", "surrogateescape")
 
-            def modname(o: int) -> str:
-                return modtab[o:modtab.index(b"\0", o)].decode("utf-8", "surrogateescape")
-            return (words & 0xFF).astype(np.uint8), modoff, modname
-        raise _fail(path, f"{INFO_SECTION} does not match .symtab")
-    secmod = [n[n.rindex("[") + 1:-1] if n.endswith("]") and "[" in n else "" for n in names]
 
-    def secname(k: int) -> str:
-        return secmod[k] if k < len(secmod) else ""
-    return None, shndx, secname
+def _section_index(sh, shstrtab: bytes | None, name: str) -> int:
+    """Index of the first section named ``name``, or -1 (no name decoded but these)."""
+    if shstrtab is None:
+        return -1
+    want = name.encode()
+    offs, p = [], shstrtab.find(want)
+    while p >= 0:  # every place the name ends at a NUL or at the end: sh_name may share
+        end = p + len(want)
+        if end == len(shstrtab) or shstrtab[end] == 0:
+            offs.append(p)
+        p = shstrtab.find(want, p + 1)
+    hit = np.flatnonzero(np.isin(sh["sh_name"], offs)) if offs else []
+    return int(hit[0]) if len(hit) else -1
+
+
+def _ksyms_info(data, path, sh, shstrtab, nsyms, order):
+    """(.ksyms.info word per symbol, .ksyms.modules bytes) when both are present and
+    match the symbol table, else (None, b"") (modules then come from section names)."""
+    k_info = _section_index(sh, shstrtab, INFO_SECTION)
+    k_mods = _section_index(sh, shstrtab, MODULES_SECTION)
+    if k_info < 0 or k_mods < 0:
+        return None, b""
+    info = _section_bytes(data, path, sh, k_info, INFO_SECTION)
+    mods = _section_bytes(data, path, sh, k_mods, MODULES_SECTION)
+    if len(info) == 4 * (nsyms + 1) and len(mods) and mods[-1] == 0:
+        words = info.view(word_dtype(order))[1:]
+        if len(words) and int(words.max()) >> 8 >= len(mods):
+            raise _fail(path, f"{INFO_SECTION} refers past end of {MODULES_SECTION}")
+        return words, mods.tobytes()
+    raise _fail(path, f"{INFO_SECTION} does not match .symtab")
 
 
 def letter_of(img: Image, i: int) -> str:
@@ -246,23 +311,36 @@ def nlist_type(img: Image, i: int) -> int:
     return n_type_of(shndx, info >> 4, info & 15, len(img.shdrs), sh_type, sh_flags)
 
 
+_FEW = 16  # candidates compared as bytes rather than array by array
+
+
 def _find_name(img: Image, want: bytes) -> np.ndarray:
-    """Indices of symbols named exactly ``want``: first byte, terminator, then byte by byte."""
+    """Indices of symbols named exactly ``want`` (st_name -> want, then a NUL, inside the
+    string table): the first four bytes (NUL included) at once, then byte by byte."""
     if not want:
         return np.zeros(0, np.int64)
-    cand = np.flatnonzero(img.first_bytes() == want[0])
+    pat = want + b"\0"
+    head = pat[:4]
+    key = int.from_bytes(head, "little")
+    heads = img.name_heads()
+    if len(head) == 4:
+        cand = np.flatnonzero(heads == np.uint32(key))
+    else:
+        cand = np.flatnonzero((heads & np.uint32((1 << 8 * len(head)) - 1)) == np.uint32(key))
+    if len(pat) <= 4 or len(cand) == 0:
+        return cand
     off = img.syms["st_name"][cand].astype(np.int64)
-    end = off + len(want)
-    inside = end < len(img.strtab)
-    cand, off, end = cand[inside], off[inside], end[inside]
-    keep = img.strtab[end] == 0
+    keep = off + len(want) < len(img.strtab)
     cand, off = cand[keep], off[keep]
-    for j in range(1, len(want)):  # most candidates drop at the first bytes
-        keep = img.strtab[off + j] == want[j]
-        cand, off = cand[keep], off[keep]
-        if len(cand) == 0:
+    for j in [len(want), *range(4, len(want))]:  # the NUL first: it drops the most
+        if len(cand) <= _FEW:
             break
-    return cand
+        keep = img.strtab[off + j] == pat[j]
+        cand, off = cand[keep], off[keep]
+    tab = img.strtab
+    found = [i for i, o in zip(cand.tolist(), off.tolist())
+             if tab[o:o + len(pat)].tobytes() == pat]
+    return np.array(found, np.int64)
 
 
 def nlist(image: ImageLike | Image, names: Iterable[str]) -> dict[str, list[NlistHit]]:

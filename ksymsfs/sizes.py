@@ -44,15 +44,15 @@ def mapping_mask(strtab: bytes | bytearray | np.ndarray, name_off: np.ndarray) -
     return out
 
 
-def unsized(strtab: bytes | bytearray | np.ndarray, name_off: np.ndarray,
-            cls: np.ndarray) -> np.ndarray:
-    """Symbols that get size 0 and end no other symbol: mapping symbols, and symbols of
-    classes that are not in memory (kallsyms "?", "N", "n": .modinfo, debug sections)."""
+def unsized(mapping: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """Symbols that get size 0 and end no other symbol: mapping symbols (``mapping``, from
+    mapping_mask), and symbols of classes that are not in memory (kallsyms "?", "N", "n":
+    .modinfo, debug sections)."""
     from .letters import SECTION_KINDS, SHF_ALLOC
     in_memory = np.zeros(256, bool)
     for k, (_, _, flags) in SECTION_KINDS.items():
         in_memory[k] = bool(flags & SHF_ALLOC)
-    return mapping_mask(strtab, name_off) | ~in_memory[cls]
+    return mapping | ~in_memory[cls]
 
 
 def infer_sizes(addr: np.ndarray, group: np.ndarray, mapping: np.ndarray | None = None,
