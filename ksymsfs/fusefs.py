@@ -16,6 +16,7 @@ from fuse import FUSE, FuseOSError, Operations, fuse_file_info, fuse_get_context
 
 from .device import Device, redact
 from .errors import KsymsError
+from .malloc import tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -115,28 +116,15 @@ class KsymsOperations(Operations):
         raise FuseOSError(errno.ENOTDIR)
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # mallopt (glibc malloc.h)
-TRIM_THRESHOLD = 64 << 20  # bytes free at the heap top before free() gives them back
 TRIM_EVERY = 5.0  # s: trimming costs a few ms each time
 IDLE_FORGET = 5.0  # s with nothing open before the kept snapshot and images are dropped
 
 
 def _tame_malloc(device: Device) -> None:
-    """Few malloc arenas for FUSE's worker threads; big buffers (a kallsyms text, an
-    image) always in their own mappings, so freeing them returns them to the system (a
-    fixed threshold: glibc's sliding one keeps them in the heap after the first free);
-    and give freed memory back when idle: at once, or TRIM_EVERY s after the last trim.
-    The threshold stays above readfile's read buffer (CHUNK): procfs answers a page per
-    read (~1,300 reads per kallsyms), and an mmap + munmap for each made opens slower.
-    Setting that threshold also pins glibc's trim threshold at 128 KiB: every read's
-    1 MiB buffer, freed at the heap top, was given back (brk) and faulted in again, ~30%
-    of a kallsyms read; the trim threshold is raised, and malloc_trim gives it back."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_ARENA_MAX, 2)
-        libc.mallopt(M_MMAP_THRESHOLD, 2 << 20)
-        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    except (OSError, AttributeError):
+    """The daemon's malloc settings (malloc.tune_malloc), and give freed memory back when
+    idle: at once, or TRIM_EVERY s after the last trim."""
+    libc = tune_malloc()
+    if libc is None:
         return
     lock = threading.Lock()
     state = {"last": 0.0, "timer": None, "forget": None}

@@ -100,8 +100,10 @@ def status(key):
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+from ksymsfs.malloc import tune_malloc
 from ksymsfs.snapshot import make_image
 from ksymsfs.sources import Sources, take_snapshot
+tune_malloc()  # as the daemon builds: every big buffer fresh pages, whatever the size
 kp, mp, repeat, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 src = Sources(kallsyms=kp, modules=mp, modules_optional=False, strict_modules=False)
 reset = True
