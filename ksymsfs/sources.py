@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import consistency
+from .digest import sha256
 from .errors import KsymsError, ParseError, SnapshotError
 from .kallsyms import SymbolTable, is_pseudo_module, parse_kallsyms
 from .notes import Notes, read_notes
@@ -136,8 +137,7 @@ class Snapshot:
         Only a snapshot taken with ``keep_raw`` has them: any other raises."""
         if not self.raw and self.raw_modules is None:
             raise ValueError("snapshot taken without keep_raw: no bytes to digest")
-        import hashlib  # here: the daemon never loads OpenSSL (see digest.py)
-        h = hashlib.sha256(self.raw)
+        h = sha256(self.raw)
         h.update(b"\0modules\0" + (self.raw_modules if self.raw_modules is not None
                                      else b"\xff"))
         return h.digest()

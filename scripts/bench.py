@@ -388,14 +388,13 @@ def sec_live(rep: Report, args, mount: Mount | None, mount_err: str, work: str) 
     shutil.copyfile(mp, local)  # the same bytes, zeros included, as a page-cached file
     tcat, tmount, tlocal = _interleaved([["cat", kall], ["cat", mp], ["cat", local]],
                                         max(n, 9))
-    runs = {"cat": tcat, "mount": tmount, "local": tlocal}
-    icat, fcat, lcat = (med(runs[k]) for k in ("cat", "mount", "local"))
+    icat, fcat, lcat = med(tcat), med(tmount), med(tlocal)
     frd = timed(lambda: read_all(mp), n)
     lim = TARGETS["live_open_read"]
     ok = rep.check("live_open_read", fcat / icat, lim, what="cat MOUNT / cat /proc/kallsyms")
     floor = icat + lcat
-    fuse.update(cat_mount_s=fig(runs["mount"]), cat_kallsyms_s=fig(runs["cat"]),
-                cat_local_copy_s=fig(runs["local"]), read_mount_s=fig(frd),
+    fuse.update(cat_mount_s=fig(tmount), cat_kallsyms_s=fig(tcat),
+                cat_local_copy_s=fig(tlocal), read_mount_s=fig(frd),
                 mount_bytes=read_all(mp), ratio_cat=fcat / icat,
                 ratio_floor=fcat / floor, ratio_read=med(frd) / med(rd))
     rep.row("cat MOUNT >/dev/null (open+read+close)", fcat * 1e3, "ms", "cat kallsyms",
