@@ -346,7 +346,9 @@ def test_page_cache_outlives_an_idle_spell_only_for_the_same_bytes(tmp_path):
         time.sleep(IDLE_FORGET + 2)  # forgotten (and trimmed) by now
         fd = os.open(m.path, os.O_RDONLY)
         resident, npages = _resident_pages(fd)
-        assert resident == npages  # kept: no page of it had to come from the daemon
+        # Kept: the open dropped none of them. Memory pressure may reclaim a page or two
+        # during the sleep (CI saw 399 of 400); an open that starts a new epoch drops all.
+        assert resident >= npages * 9 // 10, (resident, npages)
         assert os.pread(fd, len(first) + 1, 0) == first
         os.close(fd)
         write_sources(src, ["alpha"])
