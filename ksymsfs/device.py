@@ -455,6 +455,9 @@ class Device:
             h = self._handles.get(fh)
             if not tid or h is None or h.flushed:
                 return
+            if tid == h.tgid:  # the owner's main thread (a tid equal to a tgid is its
+                h.flushed = True  # leader): no /proc read, the usual close
+                return
         creds = process_creds(tid, self.procfs, self.init_userns)
         if creds is not None and creds.tgid == h.tgid:
             with self._lock:

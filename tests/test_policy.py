@@ -6,6 +6,7 @@ import errno
 import os
 import pwd
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,34 @@ def test_reopen_shares_only_a_snapshot_with_the_same_address_rights(tmp_path):
     dev.release(b)
     c = dev.open(11, os.O_RDONLY)
     assert len(parse_image(dev.read(c, 1 << 24, 0))) == 101
+    dev.release(c)
+    assert dev.open_count() == 0
+
+
+def test_flush_frees_the_slot_only_for_the_owner(tmp_path):
+    """close() by the owner (its main thread: no /proc read; another thread: by its Tgid)
+    lets the same process open again at once; a close by another process does not."""
+    ks = tmp_path / "kallsyms"
+    ks.write_text(KS)
+    proc = tmp_path / "proc"
+    fake_proc(proc, 10, 10, 0, 1 << 34)
+    fake_proc(proc, 11, 10, 0, 1 << 34)
+    fake_proc(proc, 20, 20, 0, 1 << 34)
+    dev = Device(Sources(str(ks), None), procfs=str(proc), reopen="busy", open_wait=30)
+    a = dev.open(10, os.O_RDONLY)
+    dev.flush(a, 20)  # another process (an inherited descriptor) closed its copy
+    with pytest.raises(DeviceError) as e:
+        dev.open(10, os.O_RDONLY)
+    assert e.value.errno == errno.EBUSY
+    os.unlink(proc / "10" / "status")  # the leader's close needs no /proc read
+    dev.flush(a, 10)
+    releaser = threading.Timer(0.05, dev.release, (a,))
+    releaser.start()
+    b = dev.open(11, os.O_RDONLY)  # waits for a's RELEASE (EBUSY at once without the flush)
+    releaser.join()
+    dev.release(b)
+    c = dev.open(11, os.O_RDONLY)
+    dev.flush(c, 11)  # a thread of the owner: by its Tgid
     dev.release(c)
     assert dev.open_count() == 0
 
