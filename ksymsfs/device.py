@@ -53,6 +53,8 @@ from .sources import Snapshot, Sources, take_snapshot
 log = logging.getLogger(__name__)
 SIZE_BUCKET = 64 << 10   # served size granularity: module churn rarely changes it
 OPEN_WAIT = 1.0          # s an open may wait for a RELEASE (own slot, or other policy)
+PARALLEL_READS = min(2, os.cpu_count() or 1)  # kallsyms reads at once (CPU-bound in the kernel)
+GATHER = 0.01            # s without a new opener before a second read starts (a crowd shares it)
 _HEX_RUN = re.compile(r"(?i)(0x)?[0-9a-f]{8,}")
 
 
@@ -92,41 +94,62 @@ class Handle:
 
 
 class Coalescer:
-    """Share one source read among concurrent openers, never one that began before them.
+    """Share source reads among concurrent openers, never one that began before them.
 
     A caller waits for a read that *starts* after it arrived; a read already in flight
     when it arrives is not good enough (it may predate a module load the caller made).
+    Up to ``parallel`` reads run at once: a caller who finds only older reads in flight
+    starts another once no new caller came for ``gather`` s (so a crowd shares it) or a
+    slot frees, instead of waiting for the older read to end and only then starting.
     """
 
-    def __init__(self, read: Callable[[], Snapshot]):
+    def __init__(self, read: Callable[[], Snapshot], parallel: int = 1,
+                 gather: float = 0.0):
         self._read = read
+        self._parallel, self._gather = max(1, parallel), gather
         self._cond = threading.Condition()
         self._started = 0      # generation of the newest read begun
         self._done = 0         # generation of the newest read finished
-        self._building = False
+        self._running = 0      # reads in flight
+        self._last_arrival = 0.0
         self._result: object = None
+
+    def _may_start(self, now: float) -> float:
+        """0 if a caller may begin a read now, else the seconds to wait (inf: for a slot)."""
+        if self._running == 0:
+            return 0.0
+        if self._running >= self._parallel:
+            return float("inf")
+        return max(0.0, self._last_arrival + self._gather - now)
 
     def get(self) -> Snapshot:
         with self._cond:
             need = self._started + 1
+            self._last_arrival = time.monotonic()
             while True:
                 if self._done >= need and self._result is not None:
                     res = self._result
                     break
-                if not self._building:
-                    self._building = True
-                    self._started += 1
-                    gen = self._started
-                    res = None
-                    break
-                self._cond.wait()
+                if self._started < need:  # no read began since we came
+                    wait = self._may_start(time.monotonic())
+                    if wait <= 0:
+                        self._running += 1
+                        self._started += 1
+                        gen = self._started
+                        res = None
+                        break
+                    self._cond.wait(None if wait == float("inf") else wait)
+                else:
+                    self._cond.wait()
         if res is None:
             try:
                 res = ("ok", self._read())
             except BaseException as e:  # handed to every waiter of this generation
                 res = ("err", e)
             with self._cond:
-                self._done, self._result, self._building = gen, res, False
+                self._running -= 1
+                if gen > self._done:
+                    self._done, self._result = gen, res
                 self._cond.notify_all()
         kind, val = res
         if kind == "err":
@@ -136,7 +159,7 @@ class Coalescer:
     def forget(self) -> None:
         """Drop the last result (idle memory); a caller then always starts a new read."""
         with self._cond:
-            if not self._building:
+            if not self._running:
                 self._result = None
 
 
@@ -179,8 +202,8 @@ class Device:
         self._confirmed = False           # an open of this epoch has read (so it invalidated)
         self._forgotten: tuple[int, bytes] | None = None  # (epoch, digest) of the image the
         # page cache held when an idle spell dropped it: the same bytes may resume it
-        self._coalescer = Coalescer(self._read_sources)
-        self._readbuf = ReadBuffer()  # kallsyms is read into it at every open
+        self._coalescer = Coalescer(self._read_sources, PARALLEL_READS, GATHER)
+        self._readbufs = [ReadBuffer()]  # free ones: kallsyms is read into one at every open
         self.latest_size = 0
         self._latest_stored = 0  # memory of the last image built (estimate for the budget)
         self.mtime = time.time()
@@ -189,14 +212,27 @@ class Device:
 
     # -- snapshots -------------------------------------------------------------------
     def _read_sources(self) -> Snapshot:
-        # reads are serialized by the Coalescer, so self._snap is only replaced here
-        snap = take_snapshot(self.sources, section_cache=self._section_cache,
-                             previous=self._snap, keep_raw=True, buffer=self._readbuf)
-        if snap is not self._snap:  # a new kernel state: forget the old images
+        # up to PARALLEL_READS run at once (the Coalescer): each in a buffer of its own;
+        # self._snap is only replaced here, under the lock
+        with self._lock:
+            buf = self._readbufs.pop() if self._readbufs else ReadBuffer()
+            prev = self._snap
+        try:
+            snap = take_snapshot(self.sources, section_cache=self._section_cache,
+                                 previous=prev, keep_raw=True, buffer=buf)
+        finally:
             with self._lock:
-                self._snap, self._images = snap, {}
-                self._trim_cache_image()
-            self.mtime = time.time()
+                self._readbufs.append(buf)
+        if snap is prev:
+            return snap
+        with self._lock:  # a new kernel state: forget the old images
+            cur = self._snap
+            if cur is not prev and cur is not None and cur.same_reading(snap.raw,
+                                                                        snap.raw_modules):
+                return cur  # a parallel read found the same new state first: share it
+            self._snap, self._images = snap, {}
+            self._trim_cache_image()
+        self.mtime = time.time()
         return snap
 
     def _held_bytes(self) -> int:
@@ -494,7 +530,8 @@ class Device:
             self._snap, self._images = None, {}
             self._new_epoch(None)
             epoch = self._epoch
-            self._readbuf.release()  # no read runs: every read is inside an open
+            for buf in self._readbufs:  # no read runs: every read is inside an open
+                buf.release()
         self._coalescer.forget()
         if cached is not None:  # its pages stay in the kernel: the same bytes may reuse them
             digest = image_digest(cached)

@@ -192,6 +192,98 @@ def test_coalescer_shares_only_reads_started_after_arrival():
     assert len(calls) == 2
 
 
+def test_parallel_coalescer_starts_a_second_read_while_the_first_runs():
+    """With two slots, callers who came after the first read began do not wait for it to
+    end: once no new caller came for ``gather`` s, one of them starts a second read, which
+    they all share."""
+    starts, ends = [], []
+    gate = threading.Event()
+
+    def read():
+        starts.append(time.monotonic())
+        n = len(starts)
+        if n == 1:
+            gate.wait(5)  # the first read stays in flight until the late ones are served
+        ends.append(time.monotonic())
+        return n
+    c = Coalescer(read, parallel=2, gather=0.02)
+    results = []
+    first = threading.Thread(target=lambda: results.append(("first", c.get())))
+    first.start()
+    time.sleep(0.05)
+    late = [threading.Thread(target=lambda: results.append(("late", c.get())))
+            for _ in range(5)]
+    for t in late:
+        t.start()
+    for t in late:
+        t.join(5)
+    assert sorted(v for k, v in results if k == "late") == [2] * 5  # one shared read
+    assert not gate.is_set() and first.is_alive()  # served while the first still ran
+    gate.set()
+    first.join(5)
+    assert ("first", 1) in results and len(starts) == 2
+
+
+def test_parallel_coalescer_never_serves_a_read_older_than_the_caller():
+    """Random arrivals and read times: every caller's result comes from a read that began
+    after it arrived, and no more than ``parallel`` reads ever run at once."""
+    import random
+    rnd = random.Random(7)
+    lock = threading.Lock()
+    running, peak = [0], [0]
+
+    def read():
+        t = time.monotonic()
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(rnd.uniform(0.001, 0.02))
+        with lock:
+            running[0] -= 1
+        return t
+    c = Coalescer(read, parallel=2, gather=0.003)
+    bad = []
+
+    def caller(delay):
+        time.sleep(delay)
+        came = time.monotonic()
+        began = c.get()
+        if began < came:
+            bad.append((came, began))
+    ts = [threading.Thread(target=caller, args=(rnd.uniform(0, 0.2),)) for _ in range(60)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10)
+    assert not bad and peak[0] <= 2
+
+
+def test_parallel_reads_of_one_new_state_share_one_snapshot(tmp_path, monkeypatch):
+    """Two reads in flight at once that both find the kernel changed give one snapshot
+    object (so one image and one page-cache epoch), not two equal ones."""
+    import ksymsfs.device as devmod
+    (tmp_path / "k").write_text(KS)
+    dev = Device(Sources(str(tmp_path / "k"), None))
+    old = dev.prime()
+    (tmp_path / "k").write_text(KS + "ffffffff82000000 T late\n")
+    both = threading.Barrier(2, timeout=5)
+    real = devmod.take_snapshot
+
+    def slow(*a, **kw):
+        snap = real(*a, **kw)
+        both.wait()  # both reads have read and parsed before either is kept
+        return snap
+    monkeypatch.setattr(devmod, "take_snapshot", slow)
+    got = []
+    ts = [threading.Thread(target=lambda: got.append(dev._read_sources())) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(5)
+    assert len(got) == 2 and got[0] is got[1] is dev._snap and got[0] is not old
+    assert len(got[0].table) == len(old.table) + 1 and b"\0late\0" in got[0].table.strtab
+
+
 def test_device_unchanged_kernel_shares_one_image(tmp_path):
     import subprocess
     (tmp_path / "k").write_text(KS)
