@@ -210,7 +210,9 @@ def test_parallel_coalescer_starts_a_second_read_while_the_first_runs():
     results = []
     first = threading.Thread(target=lambda: results.append(("first", c.get())))
     first.start()
-    time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while not starts and time.monotonic() < deadline:  # the first read is in flight
+        time.sleep(0.001)
     late = [threading.Thread(target=lambda: results.append(("late", c.get())))
             for _ in range(5)]
     for t in late:
