@@ -204,6 +204,7 @@ class Device:
         # page cache held when an idle spell dropped it: the same bytes may resume it
         self._coalescer = Coalescer(self._read_sources, PARALLEL_READS, GATHER)
         self._readbufs = [ReadBuffer()]  # free ones: kallsyms is read into one at every open
+        self._busy_bufs: list[ReadBuffer] = []  # those a read is using now
         self.latest_size = 0
         self._latest_stored = 0  # memory of the last image built (estimate for the budget)
         self.mtime = time.time()
@@ -215,13 +216,16 @@ class Device:
         # up to PARALLEL_READS run at once (the Coalescer): each in a buffer of its own;
         # self._snap is only replaced here, under the lock
         with self._lock:
-            buf = self._readbufs.pop() if self._readbufs else ReadBuffer()
+            buf = self._readbufs.pop() if self._readbufs else ReadBuffer(
+                max((b.size_hint for b in self._busy_bufs), default=0))
+            self._busy_bufs.append(buf)
             prev = self._snap
         try:
             snap = take_snapshot(self.sources, section_cache=self._section_cache,
                                  previous=prev, keep_raw=True, buffer=buf)
         finally:
             with self._lock:
+                self._busy_bufs.remove(buf)
                 self._readbufs.append(buf)
         if snap is prev:
             return snap

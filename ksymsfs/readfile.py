@@ -68,15 +68,21 @@ class ReadBuffer:
     bytes object, then a join (allocations, 5 MB of new pages faulted in, one more copy).
     Here the pages stay mapped between reads and the read loop runs in C; the caller
     copies out only what it keeps (a changed text).
-    One reader at a time (the device's reads are serialized); ``release`` frees it.
+    One reader at a time per buffer (the device keeps one per read in flight);
+    ``release`` frees it. ``hint``: the size to allocate at once (another buffer's
+    ``size_hint``): no doublings, whose small steps would stay in the heap.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, hint: int = 0) -> None:
         self._buf = bytearray()
-        self._hint = 0  # the size it had: after a release, allocated at once (no doublings)
+        self._hint = hint  # the size it had: after a release, allocated at once
+
+    @property
+    def size_hint(self) -> int:
+        return max(self._hint, len(self._buf))
 
     def release(self) -> None:
-        self._hint = max(self._hint, len(self._buf))
+        self._hint = self.size_hint
         self._buf = bytearray()
 
     def read_fd(self, fd: int, path: str, max_bytes: int) -> memoryview:

@@ -394,6 +394,37 @@ def test_read_buffer_reads_exactly_grows_and_keeps_the_cap(tmp_path):
     with pytest.raises(SourceError, match="larger than"):
         read_regular(str(big), len(data) - 1, into=buf)
     assert len(read_regular(str(big), len(data), into=buf)) == len(data)
+    second = ReadBuffer(buf.size_hint)  # a second read in flight: sized at once
+    assert second.size_hint >= len(data)
+    assert bytes(read_regular(str(big), into=second)) == data
+    assert second.size_hint == buf.size_hint  # no doubling past the first one's size
+
+
+def test_device_keeps_a_read_buffer_per_read_in_flight(tmp_path, monkeypatch):
+    """Two reads at once use two buffers, the second sized like the first; both are
+    kept for the next crowd and freed (their sizes remembered) when the device idles."""
+    import ksymsfs.device as devmod
+    (tmp_path / "k").write_text(KS)
+    dev = Device(Sources(str(tmp_path / "k"), None))
+    dev.prime()
+    first = dev._readbufs[0]
+    both = threading.Barrier(2, timeout=5)
+    real = devmod.take_snapshot
+
+    def slow(*a, **kw):
+        both.wait()  # both reads hold a buffer at once
+        return real(*a, **kw)
+    monkeypatch.setattr(devmod, "take_snapshot", slow)
+    ts = [threading.Thread(target=dev._read_sources) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(5)
+    bufs = dev._readbufs
+    assert len(bufs) == 2 and first in bufs and not dev._busy_bufs
+    assert bufs[0].size_hint == bufs[1].size_hint >= len(KS)
+    assert dev.forget_idle(0) is None
+    assert all(len(b._buf) == 0 and b.size_hint >= len(KS) for b in bufs)
 
 
 def test_snapshot_through_the_buffer_keeps_its_own_bytes(tmp_path):
