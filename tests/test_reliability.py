@@ -214,7 +214,17 @@ def test_max_open_cap_answers_enomem(tmp_path):
         release.set()
         for p in holders:
             p.join(10)
-        os.close(os.open(m.path, os.O_RDONLY))  # freed again
+        # freed again, once the daemon has the holders' RELEASEs: the kernel sends them
+        # after close() returns, and a full table refuses at once (no wait)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.close(os.open(m.path, os.O_RDONLY))
+                break
+            except OSError as e:
+                if e.errno != errno.ENOMEM or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
     finally:
         release.set()
         m.stop()
