@@ -619,6 +619,28 @@ def _nobody_holder(path: Path) -> tuple[int, int, int]:
     return _holder(path, nobody=True)
 
 
+def _root_opener(path: Path) -> tuple[threading.Thread, list]:
+    """A thread of ours opening ``path`` (and closing it): (thread, [errno] once done).
+    Returns once the open waits in the kernel for the daemon's answer (or has its answer):
+    the daemon's bounded wait (device.OPEN_WAIT, 1 s) is then left to the test."""
+    tid: list = []
+    out: list = []
+
+    def run() -> None:
+        tid.append(threading.get_native_id())
+        out.append(_open_errno(path))
+    t = threading.Thread(target=run)
+    t.start()
+    end = time.monotonic() + 10  # past that, go on anyway (wchan named otherwise?)
+    while not out and time.monotonic() < end:
+        if tid and Path(f"/proc/self/task/{tid[0]}/wchan").read_text() == \
+                "request_wait_answer":
+            time.sleep(0.05)  # the daemon takes the request: root waits in the daemon
+            break
+        time.sleep(0.002)
+    return t, out
+
+
 def test_privileged_open_waits_out_a_brief_unprivileged_holder(public_dir):
     """Before: any unprivileged open made root's opens fail EBUSY at once. Now root waits
     (bounded) for it to go; the holder here closes while root waits."""
@@ -626,8 +648,10 @@ def test_privileged_open_waits_out_a_brief_unprivileged_holder(public_dir):
     try:
         holder = _nobody_holder(m.path)
         assert holder[2] == 0
-        threading.Timer(0.3, _let_go, [[holder]]).start()
-        assert _open_errno(m.path) == 0
+        t, root = _root_opener(m.path)
+        _let_go([holder])
+        t.join(30)
+        assert root == [0]
     finally:
         m.stop()
 
@@ -645,10 +669,7 @@ def test_unprivileged_opens_queue_behind_a_waiting_privileged_one(public_dir):
             become_nobody()
             os.read(r, 1)
             os._exit(_open_errno(m.path))
-        root: list = []
-        t = threading.Thread(target=lambda: root.append(_open_errno(m.path)))
-        t.start()
-        time.sleep(0.2)
+        t, root = _root_opener(m.path)
         os.write(w, b"g")
         _, status = os.waitpid(late, 0)
         _let_go([holder])
