@@ -633,8 +633,12 @@ def _root_opener(path: Path) -> tuple[threading.Thread, list]:
     t.start()
     end = time.monotonic() + 10  # past that, go on anyway (wchan named otherwise?)
     while not out and time.monotonic() < end:
-        if tid and Path(f"/proc/self/task/{tid[0]}/wchan").read_text() == \
-                "request_wait_answer":
+        try:
+            waiting = bool(tid) and Path(f"/proc/self/task/{tid[0]}/wchan").read_text() \
+                == "request_wait_answer"
+        except FileNotFoundError:  # answered, and the thread is gone
+            break
+        if waiting:
             time.sleep(0.05)  # the daemon takes the request: root waits in the daemon
             break
         time.sleep(0.002)
