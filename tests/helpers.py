@@ -31,6 +31,11 @@ IN_CI = bool(os.environ.get("CI"))
 SYMBOL_LINE = re.compile(
     rb"^(?P<addr>[0-9a-fA-F]{8}|[0-9a-fA-F]{16}) (?P<letter>[!-~]) "
     rb"(?P<name>[!-~\x80-\xff]{1,511})(?:\t\[(?P<module>[!-~\x80-\xff]+)\])?$")
+# --lenient also reads the module suffix after blanks instead of the TAB (README: a
+# terminal capture such as "870f8db8 T umiRegister  [umi]")
+BLANK_MODULE_LINE = re.compile(
+    rb"^(?P<addr>[0-9a-fA-F]{8}|[0-9a-fA-F]{16}) (?P<letter>[!-~]) "
+    rb"(?P<name>[!-~\x80-\xff]{1,511})[ \t]+\[(?P<module>[!-~\x80-\xff]+)\]$")
 
 
 @dataclass(frozen=True)
@@ -45,12 +50,14 @@ class Sym:
     width: int   # hex digits of the address field
 
 
-def parse_input(data: bytes) -> tuple[list[Sym], list[int]]:
+def parse_input(data: bytes, lenient: bool = False) -> tuple[list[Sym], list[int]]:
     """kallsyms bytes -> (symbol lines, 1-based numbers of the lines that are not symbols).
 
     A line counts as a symbol line when it matches SYMBOL_LINE with the address width of
     the first symbol line and a type letter ksymsfs documents (letters.LETTERS, the
-    kernel's nm-style set). The last line may lack its newline.
+    kernel's nm-style set). The last line may lack its newline. ``lenient`` (what
+    ``--lenient`` reads): BLANK_MODULE_LINE counts too (its ``text`` is the kernel's line,
+    with the TAB), and the width is the first such whole symbol line's.
     """
     def dec(b: bytes) -> str:
         return b.decode("utf-8", "surrogateescape")
@@ -63,11 +70,15 @@ def parse_input(data: bytes) -> tuple[list[Sym], list[int]]:
     for no, raw in enumerate(lines, start=1):
         line = raw[:-1] if raw.endswith(b"\r") else raw
         m = SYMBOL_LINE.match(line)
-        if m and width is None:
+        blank = lenient and m is None and (m := BLANK_MODULE_LINE.match(line)) is not None
+        whole = m is not None and m["letter"].decode() in LETTERS
+        if m and width is None and (whole or not lenient):
             width = len(m["addr"])
-        if not m or len(m["addr"]) != width or m["letter"].decode() not in LETTERS:
+        if not whole or len(m["addr"]) != width:
             junk.append(no)
             continue
+        if blank:
+            line = b"%s %s %s\t[%s]" % (m["addr"], m["letter"], m["name"], m["module"])
         syms.append(Sym(int(m["addr"], 16), dec(m["letter"]), dec(m["name"]),
                         dec(m["module"] or b""), dec(line), width))
     return syms, junk

@@ -166,6 +166,14 @@ def test_same_input_same_bytes():
     assert build(KS) == build(KS)
 
 
+def _until(cond, timeout: float = 30) -> None:
+    """Wait for ``cond()`` (scheduling on a loaded machine, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
 def test_coalescer_shares_only_reads_started_after_arrival():
     calls = []
     gate = threading.Event()
@@ -178,12 +186,12 @@ def test_coalescer_shares_only_reads_started_after_arrival():
     results = []
     first = threading.Thread(target=lambda: results.append(("first", c.get())))
     first.start()
-    time.sleep(0.05)  # the first read is in flight: later callers must not take it
+    _until(lambda: len(calls) == 1)  # the first read is in flight: later callers must not take it
     late = [threading.Thread(target=lambda: results.append(("late", c.get())))
             for _ in range(5)]
     for t in late:
         t.start()
-    time.sleep(0.05)
+    _until(lambda: len(c._cond._waiters) == 5)  # all five wait in get() (none reads yet)
     gate.set()
     for t in [first, *late]:
         t.join(5)

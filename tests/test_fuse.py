@@ -313,7 +313,9 @@ def test_sources_changing_during_read_give_enxio(tmp_path):
         writer = ctx.Process(target=_churn, args=(mods, stop))
         writer.start()
         try:
-            time.sleep(0.2)
+            deadline = time.monotonic() + 30  # the writer runs (not a fixed 0.2 s)
+            while not mods.read_text() and time.monotonic() < deadline:
+                time.sleep(0.01)
             with pytest.raises(OSError) as e:
                 os.open(m.path, os.O_RDONLY)
             assert e.value.errno == errno.ENXIO

@@ -347,9 +347,11 @@ def test_page_cache_outlives_an_idle_spell_only_for_the_same_bytes(tmp_path):
         time.sleep(IDLE_FORGET + 2)  # forgotten (and trimmed) by now
         fd = os.open(m.path, os.O_RDONLY)
         resident, npages, missing = _resident_pages(fd)
-        # Kept: the open dropped none of them. Memory pressure may reclaim a page or two
-        # during the sleep (CI saw 399 of 400); an open that starts a new epoch drops all.
-        assert resident >= npages * 9 // 10, (resident, npages, missing)
+        # Kept: the open dropped none of them. An open that starts a new epoch drops every
+        # page before it returns (no FOPEN_KEEP_CACHE: the kernel invalidates the whole
+        # mapping; 0 below), so any page left proves it. Memory pressure during the sleep
+        # may reclaim some, in batches of up to 32 (CI saw 399 of 400): no count of them.
+        assert resident > 0, (resident, npages, missing)
         assert os.pread(fd, len(first) + 1, 0) == first
         os.close(fd)
         write_sources(src, ["alpha"])

@@ -105,7 +105,7 @@ def test_parser_matches_reference(lines, lenient: bool, cut_last_newline: bool) 
     data = b"".join(text + eol for text, eol in lines)
     if cut_last_newline and data:
         data = data[:-1]
-    syms, junk = parse_input(data)
+    syms, junk = parse_input(data, lenient)
     try:
         table = parse_kallsyms(data, "<fuzz>", lenient=lenient)
     except ParseError as e:

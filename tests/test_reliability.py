@@ -101,8 +101,9 @@ def test_listed_live_module_without_symbols_is_unclean(tmp_path):
     assert set(img.modules) == {"", "alpha"}
 
 
-def _reader_loop(path: str, q, seconds: float):
-    """Open/read/close in a loop; report (cycles, errors by errno name)."""
+def _reader_loop(path: str, q, seconds: float, done=None):
+    """Open/read/close in a loop; report (cycles, errors by errno name). ``done``: a
+    semaphore released once, after the first whole cycle."""
     end = time.monotonic() + seconds
     cycles, errs = 0, {}
     while time.monotonic() < end:
@@ -113,6 +114,8 @@ def _reader_loop(path: str, q, seconds: float):
             if len(data) != size or data[:4] != b"\x7fELF":
                 errs["short"] = errs.get("short", 0) + 1
             cycles += 1
+            if cycles == 1 and done is not None:
+                done.release()
         except OSError as e:
             name = errno.errorcode.get(e.errno, str(e.errno))
             errs[name] = errs.get(name, 0) + 1
@@ -127,12 +130,16 @@ def test_kill9_during_reads_errors_not_hangs(tmp_path):
     ks, mods = write_sources(tmp_path / "src", ["alpha"], nkernel=50000)
     m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
     ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    readers = [ctx.Process(target=_reader_loop, args=(str(m.path), q, 30)) for _ in range(4)]
+    q, done = ctx.Queue(), ctx.Semaphore(0)
+    readers = [ctx.Process(target=_reader_loop, args=(str(m.path), q, 60, done))
+               for _ in range(4)]
     try:
         for r in readers:
             r.start()
-        time.sleep(1.0)
+        # every reader is past its first whole cycle, reading in a loop (a fixed 1 s may
+        # not see four readers of this image through one on a loaded 2-core machine)
+        assert all(done.acquire(timeout=30) for _ in readers)
+        time.sleep(0.2)
         os.kill(m.pid, signal.SIGKILL)
         t0 = time.monotonic()
         results = [q.get(timeout=20) for _ in readers]
@@ -207,7 +214,17 @@ def test_max_open_cap_answers_enomem(tmp_path):
         release.set()
         for p in holders:
             p.join(10)
-        os.close(os.open(m.path, os.O_RDONLY))  # freed again
+        # freed again, once the daemon has the holders' RELEASEs: the kernel sends them
+        # after close() returns, and a full table refuses at once (no wait)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.close(os.open(m.path, os.O_RDONLY))
+                break
+            except OSError as e:
+                if e.errno != errno.ENOMEM or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
     finally:
         release.set()
         m.stop()

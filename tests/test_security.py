@@ -271,7 +271,11 @@ def test_mapping_held_across_a_module_unload_survives_others_stat(tmp_path):
         size, nread, tail = box[0]
         assert size == nread and tail != b"DIFFERENT"
         assert new == (size, size, size)  # the served size did not drop under the mapping
-        # after everyone closed, the size follows the latest snapshot again
+        # after everyone closed, the size follows the latest snapshot again (once the
+        # daemon has the holder's RELEASE, which the kernel sends asynchronously)
+        deadline = time.monotonic() + 10
+        while os.stat(m.path).st_size == size and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert os.stat(m.path).st_size < size
         assert os.stat(m.path).st_size % SIZE_BUCKET == 0
     finally:
@@ -478,6 +482,15 @@ def _open_in_child(path: Path, timeout: float = 20) -> int:
     raise AssertionError(f"open of {path} still blocked after {timeout}s")
 
 
+def _open_soon(path: Path, refusal: int, timeout: float = 10) -> int:
+    """_open_in_child, again while it fails with ``refusal`` for up to ``timeout`` s: a
+    holder's RELEASE reaches the daemon after its close() or exit, asynchronously."""
+    deadline = time.monotonic() + timeout
+    while (err := _open_in_child(path)) == refusal and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return err
+
+
 def _unblock(fifo: Path) -> None:
     """Let anything stuck reading ``fifo`` go (the old code blocked in open)."""
     try:
@@ -594,7 +607,7 @@ def test_memory_budget_answers_enomem_and_shared_images_count_once(tmp_path):
         assert "memory budget" in m.output()
         _let_go(held[:5])
         held = held[5:]
-        assert _open_in_child(m.path) == 0
+        assert _open_soon(m.path, errno.ENOMEM) == 0
     finally:
         _let_go(held)
         m.stop()
@@ -606,6 +619,32 @@ def _nobody_holder(path: Path) -> tuple[int, int, int]:
     return _holder(path, nobody=True)
 
 
+def _root_opener(path: Path) -> tuple[threading.Thread, list]:
+    """A thread of ours opening ``path`` (and closing it): (thread, [errno] once done).
+    Returns once the open waits in the kernel for the daemon's answer (or has its answer):
+    the daemon's bounded wait (device.OPEN_WAIT, 1 s) is then left to the test."""
+    tid: list = []
+    out: list = []
+
+    def run() -> None:
+        tid.append(threading.get_native_id())
+        out.append(_open_errno(path))
+    t = threading.Thread(target=run)
+    t.start()
+    end = time.monotonic() + 10  # past that, go on anyway (wchan named otherwise?)
+    while not out and time.monotonic() < end:
+        try:
+            waiting = bool(tid) and Path(f"/proc/self/task/{tid[0]}/wchan").read_text() \
+                == "request_wait_answer"
+        except FileNotFoundError:  # answered, and the thread is gone
+            break
+        if waiting:
+            time.sleep(0.05)  # the daemon takes the request: root waits in the daemon
+            break
+        time.sleep(0.002)
+    return t, out
+
+
 def test_privileged_open_waits_out_a_brief_unprivileged_holder(public_dir):
     """Before: any unprivileged open made root's opens fail EBUSY at once. Now root waits
     (bounded) for it to go; the holder here closes while root waits."""
@@ -613,8 +652,10 @@ def test_privileged_open_waits_out_a_brief_unprivileged_holder(public_dir):
     try:
         holder = _nobody_holder(m.path)
         assert holder[2] == 0
-        threading.Timer(0.3, _let_go, [[holder]]).start()
-        assert _open_errno(m.path) == 0
+        t, root = _root_opener(m.path)
+        _let_go([holder])
+        t.join(30)
+        assert root == [0]
     finally:
         m.stop()
 
@@ -632,10 +673,7 @@ def test_unprivileged_opens_queue_behind_a_waiting_privileged_one(public_dir):
             become_nobody()
             os.read(r, 1)
             os._exit(_open_errno(m.path))
-        root: list = []
-        t = threading.Thread(target=lambda: root.append(_open_errno(m.path)))
-        t.start()
-        time.sleep(0.2)
+        t, root = _root_opener(m.path)
         os.write(w, b"g")
         _, status = os.waitpid(late, 0)
         _let_go([holder])
@@ -669,11 +707,14 @@ def _threads(pid: int) -> int:
 
 def test_hundreds_of_concurrent_openers_keep_threads_bounded(public_dir):
     """300 processes open at once (before: one daemon thread per concurrent open, 3,002
-    for 3,000). Opens beyond --max-pending fail at once with EAGAIN."""
+    for 3,000). Opens beyond --max-pending fail at once with EAGAIN. (--max-open above
+    the crowd: the kernel sends each RELEASE after close() returns, throttled, so the
+    daemon can count 64 handles held by processes that closed long ago and answer ENOMEM,
+    measured here: 33-125 of the 300 in 4 crowds of 7.)"""
     ks, mods = write_sources(public_dir / "src", ["alpha"], nkernel=60000)
     os.chmod(public_dir / "src", 0o755)
     m = Mount(public_dir / "ksyms", "--allow-other", "--kallsyms", str(ks), "--modules",
-              str(mods), "--max-pending", "8")
+              str(mods), "--max-pending", "8", "--max-open", "1000")
     r, w = os.pipe()
     kids = []
     try:
