@@ -288,6 +288,9 @@ def _parse_chunk(data, view, pos, width, path, lenient, line_base) -> dict:
             "skipped": nlines - len(keep), "nlines": nlines}
 
 
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+
+
 def _rescue_blank_modules(data, pos, width, starts, ends, ok, addr, letter, name_len,
                           tabpos, hasmod) -> None:
     """Lenient mode: accept ``ADDR TYPE NAME<blanks>[MODULE]`` among the rejected lines,
@@ -300,13 +303,9 @@ def _rescue_blank_modules(data, pos, width, starts, ends, ok, addr, letter, name
                 or b"\x7f" in line):
             continue
         m = _BLANK_MODULE.fullmatch(line, width + 3)
-        try:
-            value = int(line[:width], 16)
-        except ValueError:
-            continue
-        if m is None or not line[:width].isalnum():
-            continue
-        ok[i], addr[i], letter[i], hasmod[i] = True, value, line[width + 1], True
+        if m is None or line[:width].translate(None, _HEX_DIGITS):  # not all hex digits
+            continue  # (int(..., 16) alone would take "0x", "_" and blanks)
+        ok[i], addr[i], letter[i], hasmod[i] = True, int(line[:width], 16), line[width + 1], True
         name_len[i] = m.end(1) - m.start(1)
         tabpos[i] = starts[i] + m.start(2) - 2
 

@@ -163,6 +163,19 @@ def test_del_and_nul_are_control_characters():
         assert parse_kallsyms(b"ffffffff81000000 T ok\n" + bad, lenient=True).skipped == 1
 
 
+def test_lenient_blank_module_lines_need_a_plain_hex_address():
+    """--lenient takes ``ADDR T NAME  [mod]`` (blanks for the TAB) only with ADDR all hex
+    digits, like every other line: "0x", "_" or a blank in it is a skipped line."""
+    ok = b"ffffffff81000000 T ok\n"
+    t = parse_kallsyms(ok + b"ffffffff81000010 T foo  [ext4]\n", lenient=True)
+    assert (len(t), t.skipped, t.modules) == (2, 0, ["", "ext4"])
+    assert int(t.addr[1]) == 0xffffffff81000010
+    for bad in (b"0xffffff81000010 T foo  [ext4]\n", b"ffff_fff81000010 T foo  [ext4]\n",
+                b"0Xffffff81000010 T foo\t[ext4]\n", b" fffffff81000010 T foo  [ext4]\n"):
+        t = parse_kallsyms(ok + bad, lenient=True)
+        assert (len(t), t.skipped) == (1, 1), bad
+
+
 def test_name_lengths_1_and_511_but_not_512():
     for mod in (b"", b"\t[m]"):
         data = b"ffffffff81000000 T x%s\nffffffff81000001 t %s%s\n" % (mod, b"y" * 511, mod)
