@@ -359,7 +359,10 @@ class Device:
         if not show and self._priv_waiting:  # privileged openers go first
             return errno.EBUSY, "a process that may see addresses is waiting", False
         if len(self._handles) >= self.max_open:
-            return errno.ENOMEM, f"{self.max_open} snapshots already open (--max-open)", False
+            # some may be closed already, their RELEASE (asynchronous) not here yet: wait
+            closing = any(h.flushed for h in self._handles.values())
+            return (errno.ENOMEM, f"{self.max_open} snapshots already open (--max-open)",
+                    closing)
         return None
 
     def _new_handle(self, tgid: int, image: bytes, show: bool) -> int:

@@ -7,6 +7,7 @@ import os
 import pwd
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,31 @@ def test_flush_frees_the_slot_only_for_the_owner(tmp_path):
     dev.flush(c, 11)  # a thread of the owner: by its Tgid
     dev.release(c)
     assert dev.open_count() == 0
+
+
+def test_full_table_waits_for_the_release_of_a_closed_open(tmp_path):
+    """--max-open counts an open until its RELEASE, which the kernel sends after close()
+    returns (late under load): an opener finding the table full of such closed opens
+    waits for their RELEASE instead of failing with ENOMEM at once."""
+    ks = tmp_path / "kallsyms"
+    ks.write_text(KS)
+    proc = tmp_path / "proc"
+    fake_proc(proc, 10, 10, 0, 1 << 34)
+    fake_proc(proc, 20, 20, 0, 1 << 34)
+    dev = Device(Sources(str(ks), None), procfs=str(proc), max_open=1, open_wait=30)
+    a = dev.open(10, os.O_RDONLY)
+    dev.flush(a, 10)  # its owner closed it; the RELEASE is on its way
+    got = []
+    t = threading.Thread(target=lambda: got.append(dev.open(20, os.O_RDONLY)))
+    t.start()
+    deadline = time.monotonic() + 30
+    while not dev._cond._waiters and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert t.is_alive() and not got  # waiting, not refused
+    dev.release(a)
+    t.join(30)
+    assert len(got) == 1 and dev.open_count() == 1
+    dev.release(got[0])
 
 
 def _become(user) -> None:
