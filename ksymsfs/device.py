@@ -234,6 +234,8 @@ class Device:
             if cur is not prev and cur is not None and cur.same_reading(snap.raw,
                                                                         snap.raw_modules):
                 return cur  # a parallel read found the same new state first: share it
+            # (an older reading finishing last may put an older state here: the next open
+            # compares against it and rebuilds; every handle keeps the image it was given)
             self._snap, self._images = snap, {}
             self._trim_cache_image()
         self.mtime = time.time()
@@ -498,8 +500,8 @@ class Device:
             h = self._handles.get(fh)
             if not tid or h is None or h.flushed:
                 return
-            if tid == h.tgid:  # the owner's main thread (a tid equal to a tgid is its
-                h.flushed = True  # leader): no /proc read, the usual close
+            if tid == h.tgid:  # the owner's leader (a tid equal to a tgid is that group's
+                h.flushed = True  # leader): the usual close, no /proc read needed
                 return
         creds = process_creds(tid, self.procfs, self.init_userns)
         if creds is not None and creds.tgid == h.tgid:
