@@ -7,7 +7,6 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -280,11 +279,14 @@ def test_soak_16_processes_60s(tmp_path):
 
 
 def test_dead_daemon_probe_is_fast():
-    """mount_state on a path that is not a mount returns at once."""
-    t0 = time.monotonic()
-    assert mount_state("/nonexistent/ksyms") == "none"
-    assert time.monotonic() - t0 < 1
-    assert subprocess.run(["true"]).returncode == 0
+    """mount_state on a path that is not a mount answers (a hang guard, not a timing:
+    a probe that stat()ed through a dead FUSE mount would block for good)."""
+    got = []
+    t = threading.Thread(target=lambda: got.append(mount_state("/nonexistent/ksyms")),
+                         daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive() and got == ["none"]
 
 
 def _mixed_loop(path: str, nobody: bool, q, seconds: float):
