@@ -13,11 +13,10 @@ from .letters import LETTER_CLASS
 KSYM_NAME_LEN = 512  # kernel limit including the NUL: names are at most 511 bytes
 PSEUDO_MODULES = ("bpf",)  # and every "__builtin__*" ([__builtin__ftrace], ...)
 
-_HEX = np.full(256, 255, np.uint8)
-for _i, _c in enumerate(b"0123456789abcdef"):
-    _HEX[_c] = _i
-for _i, _c in enumerate(b"ABCDEF"):
-    _HEX[_c] = 10 + _i
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+_HEX = np.full(256, 255, np.uint8)  # byte -> its hex value, 255 if not a hex digit
+for _c in _HEX_DIGITS:
+    _HEX[_c] = int(chr(_c), 16)
 
 
 def is_pseudo_module(name: str) -> bool:
@@ -286,9 +285,6 @@ def _parse_chunk(data, view, pos, width, path, lenient, line_base) -> dict:
     return {"addr": addr, "letter": letter, "name_start": name_start, "name_len": name_len,
             "tabpos": tabpos, "ends": ends, "hasmod": hasmod,
             "skipped": nlines - len(keep), "nlines": nlines}
-
-
-_HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 def _rescue_blank_modules(data, pos, width, starts, ends, ok, addr, letter, name_len,

@@ -15,12 +15,11 @@ def tune_malloc() -> ctypes.CDLL | None:
     """One malloc arena for FUSE's worker threads (malloc_trim then gives back what a crowd
     left; a second arena kept ~6 MB resident, and one arena did not slow a crowd); big
     buffers (a kallsyms text, an image) always in their own mappings, so freeing them
-    returns them to the system (a fixed
-    threshold: glibc's sliding one keeps buffers up to 32 MiB in the heap after the
-    first free, so only bigger inputs paid for fresh pages). Setting it also pins the
-    trim threshold at 128 KiB, which gave back and faulted in again the heap top at every
-    1 MiB read buffer: it is raised, and the caller trims (``malloc_trim``) when idle.
-    Returns libc (None where it is not glibc)."""
+    returns them to the system (a fixed threshold: glibc's sliding one keeps buffers up
+    to 32 MiB in the heap after the first free, so only bigger inputs paid for fresh
+    pages). Setting it also pins the trim threshold at 128 KiB, which gave back and
+    faulted in again the heap top at every 1 MiB read buffer: it is raised, and the
+    caller trims (``malloc_trim``) when idle. Returns libc (None where it is not glibc)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(M_ARENA_MAX, ARENA_MAX)

@@ -113,12 +113,6 @@ class Image:
                              for k in self.modkey.tolist()]
         return self._modules
 
-    def first_bytes(self) -> np.ndarray:
-        """First byte of every symbol's name (cached): narrows name searches at once."""
-        if not hasattr(self, "_first"):
-            self._first = self.strtab[self.syms["st_name"]]
-        return self._first
-
     def name_heads(self) -> np.ndarray:
         """First four bytes at every symbol's st_name as one little-endian uint32 (cached):
         one gather, after which each name search is a compare. Bytes past a name's NUL are
