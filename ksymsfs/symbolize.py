@@ -37,7 +37,6 @@ _WORD = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_"  # a 
 _CLASS = bytes(1 if c in _HEX else 4 if c in b"xX" else 2 if c in _WORD else 0
                for c in range(256))
 _CLASS_NP = np.frombuffer(_CLASS, np.uint8)
-_FIB = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: multiplicative hashing
 _CACHE_MAX = 1 << 20  # distinct addresses remembered across calls (then start over)
 
 
@@ -121,22 +120,42 @@ def _regex(width: int) -> re.Pattern[bytes]:
     return _REGEX[width]
 
 
-def _distinct(vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted distinct values, index of each value in them): np.unique(return_inverse)
-    without its argsort (a sort, then a multiplicative hash table checked by a compare,
-    binary search only for the values whose slot another one took)."""
-    s = np.sort(vals)
-    uniq = s[np.concatenate(([True], s[1:] != s[:-1]))] if len(s) else s
-    if 4 * len(uniq) > len(vals):  # few repeats: a table would not pay
-        return uniq, np.searchsorted(uniq, vals)
-    bits = min(max((8 * len(uniq)).bit_length(), 4), 20)
-    shift = np.uint64(64 - bits)
-    table = np.zeros(1 << bits, np.int32)
-    table[(uniq * _FIB) >> shift] = np.arange(len(uniq), dtype=np.int32)
-    which = table[(vals * _FIB) >> shift].astype(np.int64)
-    lost = np.flatnonzero(uniq[which] != vals)
-    which[lost] = np.searchsorted(uniq, vals[lost])
-    return uniq, which
+_FIB = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: multiplicative hashing
+
+
+class _Cache:
+    """Addresses looked up so far: sorted ``keys``, their %pS ``texts`` (None: in no
+    symbol) and whether each is ``found`` in a symbol, with a multiplicative hash table
+    that finds most of them without a binary search (~100 ns each on random addresses)."""
+
+    def __init__(self, keys: np.ndarray | None = None, texts: np.ndarray | None = None,
+                 found: np.ndarray | None = None):
+        self.keys = np.zeros(0, np.uint64) if keys is None else keys
+        self.texts = np.empty(0, object) if texts is None else texts
+        self.found = np.zeros(0, bool) if found is None else found
+        bits = min(max((8 * len(self.keys)).bit_length(), 4), 20)
+        self._shift = np.uint64(64 - bits)
+        self._table = np.zeros(1 << bits, np.intp)  # slot -> a key's position (the last)
+        self._table[(self.keys * _FIB) >> self._shift] = np.arange(len(self.keys))
+
+    def index(self, vals: np.ndarray) -> np.ndarray:
+        """Position of each of ``vals`` in ``keys``; -1 for those not there."""
+        keys = self.keys
+        if not len(keys):
+            return np.full(len(vals), -1, np.intp)
+        idx = self._table[(vals * _FIB) >> self._shift]
+        miss = np.flatnonzero(keys[idx] != vals)
+        if len(miss):  # not cached, or another key took its slot: a binary search
+            mv = vals[miss]
+            p = np.minimum(np.searchsorted(keys, mv), len(keys) - 1)
+            idx[miss] = np.where(keys[p] == mv, p, -1)
+        return idx
+
+    def add(self, keys: np.ndarray, texts: np.ndarray, found: np.ndarray) -> _Cache:
+        """A cache that also holds these (sorted, not yet cached) addresses."""
+        at = np.searchsorted(self.keys, keys)
+        return _Cache(np.insert(self.keys, at, keys), np.insert(self.texts, at, texts),
+                      np.insert(self.found, at, found))
 
 
 class Symbolizer:
@@ -151,13 +170,11 @@ class Symbolizer:
         self.rewritten = 0
         self._mods: dict[int, bytes] = {}
         self._nul = np.flatnonzero(img.strtab == 0)
-        self._names: np.ndarray | None = None
         self.forget()
 
     def forget(self) -> None:
         """Drop the addresses looked up so far (they are remembered across ``rewrite``)."""
-        # sorted addresses, their %pS text (None: in no symbol), whether in a symbol
-        self._cache = (np.zeros(0, np.uint64), np.empty(0, object), np.zeros(0, bool))
+        self._cache = _Cache()
 
     def candidates(self, data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(start, end, value) of every whole word that is W hex digits, or 0x and W."""
@@ -167,46 +184,41 @@ class Symbolizer:
         vals = np.frombuffer(bytes.fromhex(digits.decode("ascii")), f">u{w // 2}")
         return start, end, vals.astype(np.uint64)
 
-    def _lookup(self, uniq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(%pS text or None, found?) per distinct sorted address; only the addresses not
-        seen before are looked up and formatted (the rest come from a sorted cache)."""
-        keys, texts, found = self._cache
-        pos = np.minimum(np.searchsorted(keys, uniq), max(len(keys) - 1, 0))
-        known = keys[pos] == uniq if len(keys) else np.zeros(len(uniq), bool)
-        out, has = np.empty(len(uniq), object), np.zeros(len(uniq), bool)
-        out[known], has[known] = texts[pos[known]], found[pos[known]]
-        new = np.flatnonzero(~known)
-        if len(new):
-            nv = uniq[new]
-            hit, off = locate(self.img, nv)
-            hit[nv == 0] = -1  # 0 is a null pointer or a hidden address, never a symbol
-            ok = hit >= 0
-            nt = np.empty(len(new), object)
-            nt[np.flatnonzero(ok)] = self._format(hit[ok], off[ok])
-            out[new], has[new] = nt, ok
-            if len(keys) + len(new) > _CACHE_MAX:
-                self._cache = (nv, nt, ok)
-            else:
-                at = np.searchsorted(keys, nv)
-                self._cache = (np.insert(keys, at, nv), np.insert(texts, at, nt),
-                               np.insert(found, at, ok))
-        return out, has
+    def _known(self, vals: np.ndarray) -> np.ndarray:
+        """Position of each address of ``vals`` in the cache, after adding those not in
+        it: only the distinct new ones are looked up and formatted (a log repeats its call
+        sites, so most texts find all of theirs there, with no sort of the addresses)."""
+        idx = self._cache.index(vals)
+        new = idx < 0
+        if new.any():
+            nv, cache = np.unique(vals[new]), self._cache
+            if len(cache.keys) + len(nv) > _CACHE_MAX:  # start over: this text's only
+                nv, cache = np.unique(vals), _Cache()
+            self._cache = cache.add(nv, *self._look_up(nv))
+            idx = self._cache.index(vals)
+        return idx
+
+    def _look_up(self, nv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(%pS text or None, found?) per address of ``nv``, looked up in the image."""
+        hit, off = locate(self.img, nv)
+        hit[nv == 0] = -1  # 0 is a null pointer or a hidden address, never a symbol
+        ok = hit >= 0
+        nt = np.empty(len(nv), object)
+        nt[np.flatnonzero(ok)] = self._format(hit[ok], off[ok])
+        return nt, ok
 
     def _format(self, idx: np.ndarray, off: np.ndarray) -> list[bytes]:
-        """%pS text per symbol index and offset: one ``%`` formatting for all of them."""
+        """%pS text per symbol index and offset: one ``%`` formatting for all of them.
+        Names are sliced from ``.strtab`` for these symbols only (splitting a 1M-symbol
+        table into its names took 0.19 s, for a log that names 20k of them)."""
         img = self.img
-        if self._names is None:  # every name, by the number of its string in .strtab
-            self._names = np.array(img.data_strtab.split(b"\0"), object)
+        tab = img.data_strtab
         noff = img.syms["st_name"][idx].astype(np.int64)
-        k = np.searchsorted(self._nul, noff)  # the NUL that ends each name
-        start = np.where(k > 0, self._nul[np.maximum(k - 1, 0)] + 1, 0)
-        whole = start == noff  # a name that is the tail of another one is sliced
+        nend = self._nul[np.searchsorted(self._nul, noff)]  # the NUL that ends each name
         keys, mk = np.unique(img.modkey[idx], return_inverse=True)
         mods = np.array([self._module(int(m)) for m in keys] + [b""], object)
         args = np.empty((len(idx), 4), object)
-        args[:, 0] = self._names[k]
-        for j in np.flatnonzero(~whole).tolist():
-            args[j, 0] = img.data_strtab[noff[j]:self._nul[k[j]]]
+        args[:, 0] = [tab[a:b] for a, b in zip(noff.tolist(), nend.tolist())]
         args[:, 1] = off.tolist()
         args[:, 2] = img.syms["st_size"][idx].tolist()
         args[:, 3] = mods[mk.reshape(-1)]
@@ -231,13 +243,13 @@ class Symbolizer:
         starts, ends, vals = self.candidates(text)
         if len(starts) == 0:
             return data
-        uniq, which = _distinct(vals)
-        reps, has = self._lookup(uniq)
-        keep = np.flatnonzero(has[which])  # the candidates that are rewritten
+        idx = self._known(vals)
+        keep = np.flatnonzero(self._cache.found[idx])  # the candidates that are rewritten
         if len(keep) == 0:
             return data
         self.rewritten += len(keep)
-        return self._template(text, starts[keep], ends[keep]) % tuple(reps[which[keep]].tolist())
+        reps = self._cache.texts[idx[keep]].tolist()
+        return self._template(text, starts[keep], ends[keep]) % tuple(reps)
 
     def _template(self, text: bytes, starts: np.ndarray, ends: np.ndarray) -> bytearray:
         """``text`` with each [start, end) overwritten by ``%-...-s`` of the same length:

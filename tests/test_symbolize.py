@@ -317,5 +317,5 @@ def test_cache_of_looked_up_addresses_starting_over(x86, monkeypatch):
     monkeypatch.setattr(sz, "_CACHE_MAX", 8)
     lines = data.splitlines(True)
     assert b"".join(s.rewrite(ln) for ln in lines * 2) == _expected(data * 2, ref, 16)
-    assert len(s._cache[0]) <= 8 + max(len(ln) for ln in lines)
+    assert len(s._cache.keys) <= 8 + max(len(ln) for ln in lines)
     assert s.rewrite(data) == want
