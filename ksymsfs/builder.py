@@ -17,6 +17,7 @@ import bisect
 import numpy as np
 
 from . import letters as lt
+from .arrays import sorted_unique
 from .elfdefs import (
     ELF_ST_INFO,
     ELFCLASS32,
@@ -425,7 +426,7 @@ def _real_section_cuts(table, o, a, bases):
         if not mid or mname not in bases:
             continue
         sel = np.flatnonzero(mod_of == mid)
-        b = np.unique(np.array(bases[mname][0], np.uint64))
+        b = sorted_unique(np.array(bases[mname][0], np.uint64))
         which = np.searchsorted(b, a[sel], side="right")
         cut[sel[1:]] |= which[1:] != which[:-1]
     return cut

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .arrays import sorted_unique
 from .kallsyms import SymbolTable, is_pseudo_module
 from .readfile import open_regular
 
@@ -217,7 +218,7 @@ def _duplicate_module_line(table: SymbolTable) -> str:
     if not same.size:
         return ""
     seen = set()
-    for i in sel[np.unique(np.concatenate((order[same], order[same + 1])))].tolist():
+    for i in sel[sorted_unique(np.concatenate((order[same], order[same + 1])))].tolist():
         m, a, c = int(table.module[i]), int(table.addr[i]), int(table.letter[i])
         key = (m, a, c, table.name(i))
         if key in seen:

@@ -138,7 +138,9 @@ class Image:
             for sel in (sectioned & ~mapping, sectioned & mapping):
                 idx = np.flatnonzero(sel)
                 is_local = (s["st_info"][idx] >> 4) == 0
-                idx = idx[np.lexsort((is_local, s["st_value"][idx]))]
+                idx = np.concatenate((idx[~is_local], idx[is_local]))  # globals first
+                # stable: ties keep that order (timsort: a kallsyms table is mostly sorted)
+                idx = idx[np.argsort(s["st_value"][idx], kind="stable")]
                 self._by_addr.append((idx, s["st_value"][idx]))
         return self._by_addr
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .arrays import sorted_unique
+
 SIZE_CAP = 0x10000  # inferred st_size never exceeds this (drgn's per-cpu gap cap)
 PAGE_SIZE = 0x1000  # the last symbol of a group ends at the end of its page (perf's rule)
 MAPPING_KINDS = b"adtx"  # $a ARM code, $t Thumb, $d data, $x AArch64 code (readbase)
@@ -135,7 +137,7 @@ def _gap_to_next_any(a: np.ndarray, g: np.ndarray,
         which = np.searchsorted(starts, last, side="right") - 1  # group of each
         sel = last[nxt[which] != 0]
         return sel, nxt[np.searchsorted(starts, sel, side="right") - 1] - a[sel]
-    u = np.unique(a)
+    u = sorted_unique(a)
     k = np.searchsorted(u, a, side="right")
     sel = np.flatnonzero(k < len(u))
     return sel, u[k[sel]] - a[sel]

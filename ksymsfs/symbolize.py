@@ -27,6 +27,7 @@ from typing import BinaryIO
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from .arrays import sorted_unique
 from .kallsyms import is_pseudo_module
 from .npreader import Image, locate
 from .reader import parse_image
@@ -82,11 +83,13 @@ def find_words(data: bytes, width: int) -> tuple[np.ndarray, np.ndarray]:
     i = _byte_index(prev ^ ones, True)  # the last byte that is not a digit
     start = (q - 1) * b + i + 1
     before = (prev >> (np.uint64(8) * i.astype(np.uint64))) & np.uint64(0xFF)
-    nxt = blocks[q + 1] ^ ones  # 0: block q+1 is all digits too
-    k = np.where(nxt == 0, b, _byte_index(np.where(nxt == 0, 1, nxt), False))
+    n1 = blocks[q + 1]
+    nxt = n1 ^ ones
+    full2 = nxt == 0  # block q+1 is all digits too
+    k = np.where(full2, b, _byte_index(np.where(full2, 1, nxt), False))
     end = q * b + b + k
-    after = np.where(nxt == 0, blocks[q + 2],
-                     blocks[q + 1] >> (np.uint64(8) * k.astype(np.uint64))) & np.uint64(0xFF)
+    after = np.where(full2, blocks[q + 2],
+                     n1 >> (np.uint64(8) * k.astype(np.uint64))) & np.uint64(0xFF)
     ok = (end - start == width) & (after == 0) & ((before == 0) | (before == 4))
     start, end, before = start[ok], end[ok], before[ok]
     # "x" before: a word unless it is "0x" with no word byte before that
@@ -191,9 +194,9 @@ class Symbolizer:
         idx = self._cache.index(vals)
         new = idx < 0
         if new.any():
-            nv, cache = np.unique(vals[new]), self._cache
+            nv, cache = sorted_unique(vals[new]), self._cache
             if len(cache.keys) + len(nv) > _CACHE_MAX:  # start over: this text's only
-                nv, cache = np.unique(vals), _Cache()
+                nv, cache = sorted_unique(vals), _Cache()
             self._cache = cache.add(nv, *self._look_up(nv))
             idx = self._cache.index(vals)
         return idx
@@ -215,13 +218,15 @@ class Symbolizer:
         tab = img.data_strtab
         noff = img.syms["st_name"][idx].astype(np.int64)
         nend = self._nul[np.searchsorted(self._nul, noff)]  # the NUL that ends each name
-        keys, mk = np.unique(img.modkey[idx], return_inverse=True)
+        mkey = img.modkey[idx]
+        keys = sorted_unique(mkey)
+        mk = np.searchsorted(keys, mkey)
         mods = np.array([self._module(int(m)) for m in keys] + [b""], object)
         args = np.empty((len(idx), 4), object)
         args[:, 0] = [tab[a:b] for a, b in zip(noff.tolist(), nend.tolist())]
         args[:, 1] = off.tolist()
         args[:, 2] = img.syms["st_size"][idx].tolist()
-        args[:, 3] = mods[mk.reshape(-1)]
+        args[:, 3] = mods[mk]
         text = b"%s+0x%x/0x%x%s\0" * len(idx) % tuple(args.ravel().tolist())
         return text.split(b"\0")[:-1]
 
