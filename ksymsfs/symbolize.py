@@ -7,13 +7,14 @@ Candidates inside a symbol become ``name+0xoff/0xsize``, plus `` [mod]`` for a m
 (not for pseudo-modules such as ``[bpf]``, as %pS); everything else, including
 addresses outside every symbol and 0, stays byte for byte.
 
-How it stays fast (README "symbolize"): no per-byte Python and no regex. ``translate``
-marks the hex digits; a run of W digits holds a whole aligned block of W/2 of them, so
-one vectorized compare over the blocks finds the few places to look at closely. Values
-come from one ``bytes.fromhex``; each distinct address is looked up and formatted once
-(cached across calls). The output is one ``%`` formatting of the text in which each
-candidate was overwritten in place by a conversion of the same length
-(``%-...-s``: flags only, no width), with the text's own ``%`` doubled.
+How it stays fast (README "symbolize"): no per-byte Python and no regex. A run of W
+digits holds a whole aligned block of W/2 of them, so one vectorized pass over the
+blocks (SWAR: all bytes hex digits?) finds the few places to look at closely. Values
+come from the digits read as words (SWAR again); each distinct address is looked up and
+formatted once (cached across calls, found again through a hash table). The output is
+one ``%`` formatting of the text in which each candidate was overwritten in place by a
+conversion of the same length (``%-...-s``: flags only, no width), with the text's own
+``%`` doubled.
 """
 
 from __future__ import annotations
@@ -47,12 +48,6 @@ def address_width(img: Image) -> int:
     return 8 if not len(vals) or int(vals.max()) <= 0xFFFFFFFF else 16
 
 
-def _rows(a: np.ndarray, width: int) -> np.ndarray:
-    """Read-only view of ``a`` whose row i is a[i:i+width] (gathering rows is fast)."""
-    return as_strided(a, (max(len(a) - width + 1, 0), width), (a.strides[0],) * 2,
-                      writeable=False)
-
-
 def _byte_index(y: np.ndarray, highest: bool) -> np.ndarray:
     """Index of the highest (or lowest) non-zero byte of each non-zero word ``y`` whose
     bytes are below 8 (so the float conversion below cannot reach the next byte)."""
@@ -61,41 +56,71 @@ def _byte_index(y: np.ndarray, highest: bool) -> np.ndarray:
     return (np.frexp(y.astype(np.float64))[1] - 1) // 8
 
 
+def _bytes_of(c: int, b: int) -> np.uint64:
+    return np.uint64(int.from_bytes(bytes([c]) * b, "little"))
+
+
+def _hex_bits(x: np.ndarray, b: int) -> np.ndarray:
+    """Bit 7 of each of the ``b`` low bytes of each word of ``x`` (uint64): a hex digit?
+
+    SWAR: bit 7 of byte + 0x50 says byte >= "0", of byte + 0x46 byte > "9"; with 0x20
+    or'ed in (lower case), + 0x1f and + 0x19 bound "a".."f". A byte >= 0x80 may carry
+    into the next one, but then its own bit 7 (of ``~x``) is clear."""
+    k50, k46, k20, k1f, k19, m80 = (_bytes_of(c, b) for c in (0x50, 0x46, 0x20, 0x1F, 0x19,
+                                                              0x80))
+    digit = (x + k50) & ~(x + k46)
+    y = x | k20
+    letter = (y + k1f) & ~(y + k19)
+    return (digit | letter) & ~x & m80
+
+
+def _hex_blocks(raw: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """Per block of ``raw`` (uint32 or uint64 words of text): all its bytes hex digits?
+    A cache-sized chunk at a time: 2.3x a ``translate`` of the text into byte classes."""
+    b = raw.dtype.itemsize
+    m80 = _bytes_of(0x80, b)
+    out = np.empty(len(raw), bool)
+    for lo in range(0, len(raw), chunk):
+        np.equal(_hex_bits(raw[lo:lo + chunk].astype(np.uint64, copy=False), b), m80,
+                 out=out[lo:lo + chunk])
+    return out
+
+
 def find_words(data: bytes, width: int) -> tuple[np.ndarray, np.ndarray]:
     """(start, end) of every whole word of ``width`` (8 or 16) hex digits, or ``0x`` and
     them: what ``\\b(0[xX])?[0-9a-fA-F]{width}\\b`` matches, without a regex.
 
-    With b = width/2, such a word holds a whole aligned block of b digits: one compare
-    over the text's blocks (of byte classes) finds them. For the first such block q of a
-    run of digits, the run starts after the last non-digit of block q-1 and must end
-    within block q+1 or just after it; the bytes around it must not be word bytes.
+    With b = width/2, such a word holds a whole aligned block of b digits: one pass over
+    the text's blocks finds them (``_hex_blocks``). For the first such block q of a run
+    of digits, the run starts after the last non-digit of block q-1 and must end within
+    block q+1 or just after it; the bytes just before and after it must not be word bytes.
     """
     b = width // 2
-    ones = np.uint64(int.from_bytes(b"\x01" * b, "little"))
-    cls = data.translate(_CLASS)
-    blocks = np.frombuffer(cls, np.dtype(f"<u{b}"), len(data) // b).astype(np.uint64,
-                                                                            copy=False)
-    full = np.flatnonzero(blocks == ones)
+    ones = _bytes_of(1, b)
+    raw = np.frombuffer(data, np.dtype(f"<u{b}"), len(data) // b)
+    full = np.flatnonzero(_hex_blocks(raw))
     q = full[np.concatenate(([True], np.diff(full) != 1))] if len(full) else full
-    tail = len(q) - np.searchsorted(q, len(blocks) - 2)  # too near the end: a regex
+    tail = len(q) - np.searchsorted(q, len(raw) - 2)  # too near the end: a regex
     q = q[:len(q) - tail]
-    prev = np.where(q > 0, blocks[np.maximum(q - 1, 0)], 0)  # no block before: no word
+    near = raw[np.concatenate((np.maximum(q - 1, 0), q + 1))].astype(np.uint64)
+    # per byte, so no carries: bit 7 cleared first, then bytes that had it refused
+    bits = _hex_bits(near & _bytes_of(0x7F, b), b) & ~near
+    prev, n1 = np.split(bits >> np.uint64(7), 2)  # 1 in each digit byte
+    prev[q == 0] = 0  # no block before: as if no digit
     i = _byte_index(prev ^ ones, True)  # the last byte that is not a digit
     start = (q - 1) * b + i + 1
-    before = (prev >> (np.uint64(8) * i.astype(np.uint64))) & np.uint64(0xFF)
-    n1 = blocks[q + 1]
+    buf = np.frombuffer(data, np.uint8)
+    before = np.where(q > 0, _CLASS_NP[buf[np.maximum(start - 1, 0)]], 0)
     nxt = n1 ^ ones
     full2 = nxt == 0  # block q+1 is all digits too
     k = np.where(full2, b, _byte_index(np.where(full2, 1, nxt), False))
     end = q * b + b + k
-    after = np.where(full2, blocks[q + 2],
-                     n1 >> (np.uint64(8) * k.astype(np.uint64))) & np.uint64(0xFF)
+    after = _CLASS_NP[buf[end]]
     ok = (end - start == width) & (after == 0) & ((before == 0) | (before == 4))
     start, end, before = start[ok], end[ok], before[ok]
     # "x" before: a word unless it is "0x" with no word byte before that
     px = np.flatnonzero(before == 4)
     s = start[px]
-    buf = np.frombuffer(data, np.uint8)
     good = (s >= 2) & (buf[np.maximum(s - 2, 0)] == 0x30)
     good &= (_CLASS_NP[buf[np.maximum(s - 3, 0)]] == 0) | (s == 2)
     start[px[good]] -= 2
@@ -103,13 +128,35 @@ def find_words(data: bytes, width: int) -> tuple[np.ndarray, np.ndarray]:
     keep[px[~good]] = False
     start, end = start[keep], end[keep]
     if tail:  # the words that may start from block len-3 on, after the last one found
-        lo = max((len(blocks) - 3) * b - 2, int(end[-1]) if len(end) else 0, 0)
+        lo = max((len(raw) - 3) * b - 2, int(end[-1]) if len(end) else 0, 0)
         more = [(m.start(), m.end()) for m in _regex(width).finditer(data, lo)]
         if more:
             extra = np.array(more, np.int64)
             start = np.concatenate((start, extra[:, 0]))
             end = np.concatenate((end, extra[:, 1]))
     return start, end
+
+
+_NIBBLE, _BIT6 = _bytes_of(0x0F, 8), _bytes_of(0x01, 8)
+_PAIRS, _QUADS = np.uint64(0x00FF00FF00FF00FF), np.uint64(0x0000FFFF0000FFFF)
+
+
+def _pack8(x: np.ndarray) -> np.ndarray:
+    """The value of 8 hex digits read as a little-endian uint64 (first digit in the low
+    byte), SWAR: each byte to its nibble ("a"/"A" have bit 6: + 9), then pairs, quads."""
+    n = (x & _NIBBLE) + np.uint64(9) * ((x >> np.uint64(6)) & _BIT6)
+    t = ((n << np.uint64(4)) | (n >> np.uint64(8))) & _PAIRS
+    t = ((t << np.uint64(8)) | (t >> np.uint64(16))) & _QUADS
+    return ((t << np.uint64(16)) | (t >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
+
+
+def hex_values(data: bytes, end: np.ndarray, width: int) -> np.ndarray:
+    """The value of the ``width`` (8 or 16) hex digits that end at each of ``end``."""
+    words = np.ndarray((max(len(data) - 7, 0),), np.uint64, data, 0, (1,))  # one per byte
+    vals = _pack8(words[end - 8])
+    if width == 16:
+        vals |= _pack8(words[end - 16]) << np.uint64(32)
+    return vals
 
 
 _REGEX: dict[int, re.Pattern[bytes]] = {}
@@ -183,9 +230,7 @@ class Symbolizer:
         """(start, end, value) of every whole word that is W hex digits, or 0x and W."""
         w = self.width
         start, end = find_words(data, w)
-        digits = _rows(np.frombuffer(data, np.uint8), w)[end - w].tobytes()
-        vals = np.frombuffer(bytes.fromhex(digits.decode("ascii")), f">u{w // 2}")
-        return start, end, vals.astype(np.uint64)
+        return start, end, hex_values(data, end, w)
 
     def _known(self, vals: np.ndarray) -> np.ndarray:
         """Position of each address of ``vals`` in the cache, after adding those not in

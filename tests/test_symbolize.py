@@ -319,3 +319,23 @@ def test_cache_of_looked_up_addresses_starting_over(x86, monkeypatch):
     assert b"".join(s.rewrite(ln) for ln in lines * 2) == _expected(data * 2, ref, 16)
     assert len(s._cache.keys) <= 8 + max(len(ln) for ln in lines)
     assert s.rewrite(data) == want
+
+
+def test_words_after_bytes_above_0x7f_at_every_alignment():
+    """The word finder tests 8 bytes at once (SWAR): a byte >= 0x80 next to the digits,
+    which could carry into them, changes nothing; the same words as the regex, at every
+    alignment, for both widths."""
+    from ksymsfs.symbolize import _regex, find_words
+
+    for high in (0x80, 0xA9, 0xC3, 0xFF):
+        for digit in b"09afAF":
+            for pad in range(9):
+                for w in (8, 16):
+                    word = bytes([digit]) * w
+                    for text in (b"." * pad + bytes([high]) + word,
+                                 b"." * pad + word + bytes([high]),
+                                 b"." * pad + bytes([high]) + b"0x" + word):
+                        text += b" " * 32  # not in the last three blocks (a regex's)
+                        s, e = find_words(text, w)
+                        want = [(m.start(), m.end()) for m in _regex(w).finditer(text)]
+                        assert list(zip(s.tolist(), e.tolist())) == want, (text, w)
