@@ -287,9 +287,11 @@ class Symbolizer:
         out = self._rewrite(data)
         return out if isinstance(out, bytes) else bytes(out)
 
-    def _rewrite(self, data: bytes) -> bytes | bytearray:
-        """rewrite, as bytes or (spared a copy) a bytearray."""
+    def _rewrite(self, data: bytes | bytearray, own: bool = False) -> bytes | bytearray:
+        """rewrite, as bytes or (spared a copy) a bytearray. ``own``: ``data`` is a
+        bytearray nobody else holds, overwritten in place (a stream's piece)."""
         text = data.replace(b"%", b"%%") if b"%" in data else data  # "%" is not a word byte
+        own = isinstance(text, bytearray) and (own or text is not data)
         starts, ends, vals = self.candidates(text)
         if len(starts) == 0:
             return data
@@ -299,12 +301,14 @@ class Symbolizer:
             return data
         self.rewritten += len(keep)
         reps = self._cache.texts[idx[keep]].tolist()
-        return self._template(text, starts[keep], ends[keep]) % tuple(reps)
+        return self._template(text, starts[keep], ends[keep], own) % tuple(reps)
 
-    def _template(self, text: bytes, starts: np.ndarray, ends: np.ndarray) -> bytearray:
+    def _template(self, text: bytes | bytearray, starts: np.ndarray, ends: np.ndarray,
+                  in_place: bool = False) -> bytearray:
         """``text`` with each [start, end) overwritten by ``%-...-s`` of the same length:
-        flags only ("-" may repeat), no width, so it prints its argument as it is."""
-        out = bytearray(text)
+        flags only ("-" may repeat), no width, so it prints its argument as it is.
+        ``in_place``: ``text`` is a bytearray of ours, written over instead of copied."""
+        out = text if in_place and isinstance(text, bytearray) else bytearray(text)
         t = np.frombuffer(out, np.uint8)
         w = self.width
         prefixed = ends - starts != w
@@ -332,11 +336,12 @@ class Symbolizer:
                 size += len(chunk)
                 if size >= block or not _ready(src):
                     break
-            data = b"".join(parts)
+            data = bytearray().join(parts)  # ours: its lines are rewritten in place
             cut = data.rfind(b"\n") + 1
-            tail = data[cut:]
+            tail = bytes(data[cut:])
+            del data[cut:]
             if cut:
-                yield self._rewrite(data[:cut])
+                yield self._rewrite(data, own=True)
         if tail:
             yield self._rewrite(tail)
 
