@@ -19,6 +19,7 @@ conversion of the same length (``%-...-s``: flags only, no width), with the text
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import select
@@ -56,7 +57,9 @@ def _byte_index(y: np.ndarray, highest: bool) -> np.ndarray:
     return (np.frexp(y.astype(np.float64))[1] - 1) // 8
 
 
+@functools.cache
 def _bytes_of(c: int, b: int) -> np.uint64:
+    """The byte ``c`` in each of the ``b`` low bytes of a word (a SWAR constant)."""
     return np.uint64(int.from_bytes(bytes([c]) * b, "little"))
 
 
@@ -308,7 +311,7 @@ class Symbolizer:
         """``text`` with each [start, end) overwritten by ``%-...-s`` of the same length:
         flags only ("-" may repeat), no width, so it prints its argument as it is.
         ``in_place``: ``text`` is a bytearray of ours, written over instead of copied."""
-        out = text if in_place and isinstance(text, bytearray) else bytearray(text)
+        out = text if in_place else bytearray(text)
         t = np.frombuffer(out, np.uint8)
         w = self.width
         prefixed = ends - starts != w
