@@ -19,7 +19,9 @@ def tune_malloc() -> ctypes.CDLL | None:
     to 32 MiB in the heap after the first free, so only bigger inputs paid for fresh
     pages). Setting it also pins the trim threshold at 128 KiB, which gave back and
     faulted in again the heap top at every 1 MiB read buffer: it is raised, and the
-    caller trims (``malloc_trim``) when idle. Returns libc (None where it is not glibc)."""
+    caller trims (``malloc_trim``) when idle. Call it before a second thread allocates:
+    one that did keeps an arena of its own, which glibc then hands to other threads too.
+    Returns libc (None where it is not glibc)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(M_ARENA_MAX, ARENA_MAX)

@@ -15,6 +15,7 @@ import time
 
 from .device import Device
 from .errors import ConfigError, KsymsError, MountPointError
+from .malloc import tune_malloc
 from .mountpoint import (
     FSTYPE,
     Created,
@@ -194,6 +195,8 @@ class _Daemon:
     def serve(self) -> int:
         from .fusefs import serve
 
+        tune_malloc()  # before the watcher's first malloc: a thread that allocates before
+        #                the arena limit is set gets an arena of its own (7 MB kept idle)
         stop = threading.Event()
         watcher = threading.Thread(target=self._watch, args=(stop,), daemon=True)
         watcher.start()

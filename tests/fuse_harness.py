@@ -62,6 +62,28 @@ def rss_kb(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
+def malloc_arenas(pid: int) -> list[str]:
+    """The glibc malloc arenas of ``pid`` beyond the main one: a non-main arena's first heap
+    is an anonymous mapping on a 64 MiB boundary that begins with its heap_info: ar_ptr
+    points just past it, to the arena (48 bytes with glibc 2.36 on x86-64), and prev is NULL."""
+    found = []
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            f = line.split()
+            start = int(f[0].split("-")[0], 16)
+            if len(f) > 5 or not f[1].startswith("rw") or start % (64 << 20):
+                continue
+            try:
+                mem.seek(start)
+                head = mem.read(16)
+            except OSError:
+                continue
+            ar_ptr, prev = int.from_bytes(head[:8], "little"), head[8:]
+            if len(head) == 16 and start < ar_ptr <= start + 128 and prev == bytes(8):
+                found.append(f[0])
+    return found
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
