@@ -27,6 +27,9 @@ DONE = "ksymsfs-vm: guest exit"
 # whole qemu run, then killed
 TIMEOUT_S = {"none": 600.0, "ci": 900.0, "short": 1500.0, "long": 3300.0}
 KVM_ALIVE_S = 60               # a KVM guest that has not printed ALIVE by then is dead
+# The guest's /init mounts its own file systems here over the shared host root, so
+# nothing of the host's below them is visible in the guest.
+GUEST_OWN = ("/tmp", "/run", "/dev", "/proc", "/sys")
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -197,10 +200,26 @@ def boot_once(k: Kernel, out: Path, accel: str, timeout: float, alive_s: float |
     return "ok"
 
 
+def hidden_from_guest(paths: dict[str, str]) -> str:
+    """Why the guest could not see one of ``paths`` ({what: host path}), or ""."""
+    for what, path in paths.items():
+        real = os.path.realpath(path)
+        for own in GUEST_OWN:
+            if real == own or real.startswith(own + "/"):
+                return (f"{what} {real} is under {own}, which the guest mounts afresh "
+                        f"(its own {', '.join(GUEST_OWN)}): the guest cannot see it; "
+                        "use a checkout, Python and KSYMSFS_VM_CACHE elsewhere")
+    return ""
+
+
 def boot(out: Path, churn: str = "ci", timeout: float = 600.0,
          accel: str | None = None, capture: bool = False, churn_only: bool = False,
          profile: bool = False) -> dict:
     """Prepare (cached), boot the scenario once, return the guest's results.json."""
+    why = hidden_from_guest({"the checkout": str(REPO), "Python": sys.executable,
+                             "the VM cache (kernel modules)": str(CACHE)})
+    if why:
+        raise BootError(why)
     k = prepare()
     out.mkdir(parents=True, exist_ok=True)
     for f in ("results.json", "guest.log"):

@@ -181,3 +181,22 @@ def test_names_without_the_canonical_string_table() -> None:
     assert im._names(tab, np.array([3, 1, 5])) == [b"a", b"b", b"ab"]
     assert im._names(tab, np.array([1, 6, 5])) == [b"b", b"b", b"ab"]
     assert im._names(tab, np.array([1, 3])) == [b"b", b"a"]
+
+
+def test_boot_refuses_a_checkout_the_guest_cannot_see(tmp_path, monkeypatch) -> None:
+    """The guest mounts its own /tmp (and /run, /dev, ...) over the shared host root: a
+    checkout there would fail in the guest as 24 errors "can't open file guest.py"; the
+    harness says why at once, before it prepares or boots anything."""
+    from tests.vm import harness
+
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    monkeypatch.setattr(harness, "REPO", clone)
+    monkeypatch.setattr(harness, "prepare", lambda: pytest.fail("prepared anyway"))
+    with pytest.raises(harness.BootError) as e:
+        harness.boot(tmp_path / "out")
+    real = os.path.realpath(clone)
+    assert f"the checkout {real} is under /" in str(e.value)
+    assert harness.hidden_from_guest({"x": "/srv/ksymsfs", "y": "/tmpfs-not/x"}) == ""
+    assert harness.hidden_from_guest({"Python": "/run/x/python3"}).startswith(
+        "Python /run/x/python3 is under /run")
