@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from . import KIOCGADDR, KIOCGSIZE
 from .digest import image_digest
 from .errors import ConfigError, KsymsError
+from .freshness import KernelFirstJoin, ReadProgress
 from .options import REOPEN_MODES
 from .policy import (
     ProcessCreds,
@@ -94,18 +95,21 @@ class Handle:
 
 
 class Coalescer:
-    """Share source reads among concurrent openers, never one that began before them.
+    """Share source reads among concurrent openers, never one older than they are.
 
     A caller waits for a read that *starts* after it arrived; a read already in flight
-    when it arrives is not good enough (it may predate a module load the caller made).
-    Up to ``parallel`` reads run at once: a caller who finds only older reads in flight
+    when it arrives is not good enough (it may predate a module load the caller made),
+    unless ``join`` proves it is as fresh (freshness.KernelFirstJoin: it had not yet
+    read past the kernel's own symbols, which never change). Up to ``parallel`` reads
+    run at once: a caller who finds only older reads in flight (none that may serve it)
     starts another once no new caller came for ``gather`` s (so a crowd shares it) or a
     slot frees, instead of waiting for the older read to end and only then starting.
+    ``read`` is called with no argument, or with the read's progress given a ``join``.
     """
 
-    def __init__(self, read: Callable[[], Snapshot], parallel: int = 1,
-                 gather: float = 0.0):
-        self._read = read
+    def __init__(self, read: Callable[..., Snapshot], parallel: int = 1,
+                 gather: float = 0.0, join: KernelFirstJoin | None = None):
+        self._read, self._join = read, join
         self._parallel, self._gather = max(1, parallel), gather
         self._cond = threading.Condition()
         self._started = 0      # generation of the newest read begun
@@ -113,6 +117,9 @@ class Coalescer:
         self._running = 0      # reads in flight
         self._last_arrival = 0.0
         self._result: object = None
+        self._flight: dict[int, ReadProgress | None] = {}  # reads in flight: progress
+        self._marked: dict[int, int] = {}  # generation -> callers who may join it
+        self._ended: dict[int, tuple] = {}  # (result, progress) of marked ones that ended
 
     def _may_start(self, now: float) -> float:
         """0 if a caller may begin a read now, else the seconds to wait (inf: for a slot)."""
@@ -126,35 +133,77 @@ class Coalescer:
         with self._cond:
             need = self._started + 1
             self._last_arrival = time.monotonic()
-            while True:
-                if self._done >= need and self._result is not None:
-                    res = self._result
-                    break
-                if self._started < need:  # no read began since we came
-                    wait = self._may_start(time.monotonic())
-                    if wait <= 0:
-                        self._running += 1
-                        self._started += 1
-                        gen = self._started
-                        res = None
-                        break
-                    self._cond.wait(None if wait == float("inf") else wait)
-                else:
-                    self._cond.wait()
-        if res is None:
+            marks = {}
+            if self._join is not None:  # where each read in flight is at our arrival
+                marks = {g: self._join.mark(p) for g, p in self._flight.items()}
+                for g in marks:
+                    self._marked[g] = self._marked.get(g, 0) + 1
             try:
-                res = ("ok", self._read())
-            except BaseException as e:  # handed to every waiter of this generation
-                res = ("err", e)
-            with self._cond:
-                self._running -= 1
-                if gen > self._done:
-                    self._done, self._result = gen, res
-                self._cond.notify_all()
+                res, gen = self._wait(need, marks)
+            finally:
+                self._unmark(list(marks))
+        if res is None:
+            res = self._run(gen)
         kind, val = res
         if kind == "err":
             raise val
         return val
+
+    def _wait(self, need: int, marks: dict) -> tuple[tuple | None, int]:
+        """Under the lock: (a result, 0), or (None, generation) for a read to run."""
+        while True:
+            if self._done >= need and self._result is not None:
+                return self._result, 0
+            res = self._joined(marks) if marks else None
+            if res is not None:
+                return res, 0
+            if self._started < need:  # no read began since we came
+                if any(self._join.may_serve(m) for m in marks.values()):
+                    self._cond.wait()  # one in flight may serve us: woken when it ends
+                    continue
+                wait = self._may_start(time.monotonic())
+                if wait <= 0:
+                    self._running += 1
+                    self._started += 1
+                    self._flight[self._started] = (self._join.progress() if self._join
+                                                   else None)
+                    return None, self._started
+                self._cond.wait(None if wait == float("inf") else wait)
+            else:
+                self._cond.wait()
+
+    def _joined(self, marks: dict) -> tuple | None:
+        """The result of a read in flight at our arrival that ended and serves us."""
+        for g in [g for g in marks if g not in self._flight]:
+            mark = marks.pop(g)
+            (kind, val), progress = self._ended[g]
+            self._unmark([g])
+            if kind == "ok" and self._join.serves(mark, progress, val):
+                return kind, val
+        return None
+
+    def _unmark(self, gens: list[int]) -> None:
+        for g in gens:
+            self._marked[g] -= 1
+            if not self._marked[g]:
+                del self._marked[g]
+                self._ended.pop(g, None)
+
+    def _run(self, gen: int) -> tuple:
+        progress = self._flight[gen]
+        try:
+            res = ("ok", self._read() if progress is None else self._read(progress))
+        except BaseException as e:  # handed to every waiter of this generation
+            res = ("err", e)
+        with self._cond:
+            self._running -= 1
+            del self._flight[gen]
+            if gen in self._marked:
+                self._ended[gen] = (res, progress)
+            if gen > self._done:
+                self._done, self._result = gen, res
+            self._cond.notify_all()
+        return res
 
     def forget(self) -> None:
         """Drop the last result (idle memory); a caller then always starts a new read."""
@@ -202,7 +251,8 @@ class Device:
         self._confirmed = False           # an open of this epoch has read (so it invalidated)
         self._forgotten: tuple[int, bytes] | None = None  # (epoch, digest) of the image the
         # page cache held when an idle spell dropped it: the same bytes may resume it
-        self._coalescer = Coalescer(self._read_sources, PARALLEL_READS, GATHER)
+        self._coalescer = Coalescer(self._read_sources, PARALLEL_READS, GATHER,
+                                    KernelFirstJoin() if sources.kernel_first else None)
         self._readbufs = [ReadBuffer()]  # free ones: kallsyms is read into one at every open
         self._busy_bufs: list[ReadBuffer] = []  # those a read is using now
         self.latest_size = 0
@@ -212,7 +262,7 @@ class Device:
         self._idle_since: float | None = time.monotonic()  # nothing open since then
 
     # -- snapshots -------------------------------------------------------------------
-    def _read_sources(self) -> Snapshot:
+    def _read_sources(self, progress: ReadProgress | None = None) -> Snapshot:
         # up to PARALLEL_READS run at once (the Coalescer): each in a buffer of its own;
         # self._snap is only replaced here, under the lock
         with self._lock:
@@ -222,7 +272,8 @@ class Device:
             prev = self._snap
         try:
             snap = take_snapshot(self.sources, section_cache=self._section_cache,
-                                 previous=prev, keep_raw=True, buffer=buf)
+                                 previous=prev, keep_raw=True, buffer=buf,
+                                 progress=progress)
         finally:
             with self._lock:
                 self._busy_bufs.remove(buf)

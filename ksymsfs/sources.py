@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from . import consistency
 from .digest import sha256
 from .errors import KsymsError, ParseError, SnapshotError
+from .freshness import ReadProgress, kernel_end
 from .kallsyms import SymbolTable, is_pseudo_module, parse_kallsyms
 from .notes import Notes, read_notes
 from .readfile import DEFAULT_MAX_READ, ReadBuffer, read_regular
@@ -104,12 +106,16 @@ class Sources:
     max_read: int = DEFAULT_MAX_READ     # bytes: a larger (or endless) source is refused
     seqnum: str | None = None            # /sys/kernel/uevent_seqnum: moves on module changes
     bpf_ids: bool = False                # list eBPF program ids around the read (root)
+    kernel_first: bool = False           # kallsyms is generated as it is read, the
+    #                                      kernel's own (unchanging) symbols first: a
+    #                                      reading in flight may serve a later opener
 
     @classmethod
     def live(cls, procfs: str = "/proc", sysfs: str = "/sys") -> Sources:
         return cls(os.path.join(procfs, "kallsyms"), os.path.join(procfs, "modules"),
                    os.path.join(sysfs, "module"), os.path.join(sysfs, "kernel", "notes"),
-                   seqnum=os.path.join(sysfs, "kernel", "uevent_seqnum"), bpf_ids=True)
+                   seqnum=os.path.join(sysfs, "kernel", "uevent_seqnum"), bpf_ids=True,
+                   kernel_first=True)
 
 
 @dataclass
@@ -142,6 +148,11 @@ class Snapshot:
                                      else b"\xff"))
         return h.digest()
 
+    @functools.cached_property
+    def kernel_end(self) -> int:
+        """Where the kernel's own symbols end in ``raw`` (freshness.kernel_end)."""
+        return kernel_end(self.raw)
+
     @property
     def all_zero(self) -> bool:
         """Every address is 0: the kernel hid them from whoever read kallsyms."""
@@ -154,8 +165,9 @@ class Snapshot:
 
 
 def _read(path: str, missing_ok: bool = False, max_bytes: int = DEFAULT_MAX_READ,
-          into: ReadBuffer | None = None) -> bytes | memoryview | None:
-    return read_regular(path, max_bytes, missing_ok, into)
+          into: ReadBuffer | None = None, progress: ReadProgress | None = None
+          ) -> bytes | memoryview | None:
+    return read_regular(path, max_bytes, missing_ok, into, progress)
 
 
 def _read_modules(src: Sources) -> bytes | None:
@@ -168,7 +180,8 @@ def _read_modules(src: Sources) -> bytes | None:
 def take_snapshot(src: Sources,
                   section_cache: dict | None = None,
                   previous: Snapshot | None = None, keep_raw: bool = False,
-                  buffer: ReadBuffer | None = None) -> Snapshot:
+                  buffer: ReadBuffer | None = None,
+                  progress: ReadProgress | None = None) -> Snapshot:
     """Read signals, modules, kallsyms, modules, signals; retry while anything moved, then ENXIO.
 
     Clean means: both module lists equal, the signals (uevent seqnum, eBPF program ids)
@@ -179,12 +192,16 @@ def take_snapshot(src: Sources,
     exact. ``keep_raw``: the snapshot keeps the bytes read for that comparison (the device
     does; a one-off dump frees them before its build). ``buffer``: kallsyms is read into
     it (the device's, reused at every open); only a changed text is copied out.
+    ``progress``: where the reading is (which try, how many bytes of kallsyms), for
+    openers who arrive meanwhile (freshness.KernelFirstJoin).
     """
     why = ""
     for tries in range(1, SNAPSHOT_TRIES + 1):
+        if progress is not None:
+            progress.start_try(tries)
         before = consistency.read_signals(src.seqnum, src.bpf_ids)
         m1 = _read_modules(src)
-        kdata = _read(src.kallsyms, max_bytes=src.max_read, into=buffer)
+        kdata = _read(src.kallsyms, max_bytes=src.max_read, into=buffer, progress=progress)
         m2 = _read_modules(src)
         after = consistency.read_signals(src.seqnum, src.bpf_ids, ksyms=src.bpf_ids)
         why = consistency.moved(before, after)
@@ -193,6 +210,8 @@ def take_snapshot(src: Sources,
         if why:
             continue
         if previous is not None and previous.same_reading(kdata, m1):
+            if progress is not None:
+                progress.done(tries)
             return previous
         kdata = bytes(kdata)  # a view of the buffer: the next open reads over it
         table = parse_kallsyms(kdata, src.kallsyms, lenient=src.lenient)
@@ -210,6 +229,8 @@ def take_snapshot(src: Sources,
                                   strict=src.notes_strict)
         raw = (kdata, m1) if keep_raw else (b"", None)
         del kdata
+        if progress is not None:
+            progress.done(tries)
         return Snapshot(table, mods, bases, warnings + nwarn, *raw, notes, tries)
     raise SnapshotError(f"no consistent snapshot after {SNAPSHOT_TRIES} tries: {why}")
 

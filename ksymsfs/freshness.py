@@ -1,0 +1,92 @@
+"""When a kallsyms reading already in flight is as fresh for a later opener as a new one.
+
+/proc/kallsyms is generated as it is read, in one order (kernel/kallsyms.c: ``s_show``,
+``update_iter``, ``update_iter_mod``): the kernel's own symbols, then each module's,
+ftrace's freed init functions, eBPF programs and trampolines, kprobe instruction pages.
+The kernel's own symbols are compiled-in tables that never change after boot. So a
+reading that, when an opener arrived, had not yet read the first line that is not the
+kernel's own read everything that *can* change after that arrival: its snapshot is one
+it would also have given had it begun then. Its consistency signals (both module lists,
+the uevent seqnum, eBPF ids) still judge the reading as a whole, as for every reading.
+
+Two more conditions keep it exact. The reading must show addresses: whether it does was
+decided when it opened kallsyms (``kptr_restrict``, before the arrival); each opener's
+own address policy is decided at its own open anyway. And the bytes the kernel may have
+generated before the arrival reach at most ``AHEAD`` beyond what the reader had received
+(the read in progress, the reader's buffer, seq_file's page).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+STEP = 256 << 10        # bytes per read call while a reading is tracked
+READ_BUFFER = 64 << 10  # the reader's own buffer (io.BufferedReader) while tracked
+SEQ_SLACK = 64 << 10    # seq_file's buffer: a page (it grows only for a longer record)
+AHEAD = STEP + READ_BUFFER + SEQ_SLACK
+
+
+class ReadProgress:
+    """How far one reading has got: ``state`` is (try, bytes of kallsyms received), set
+    by the reader as one tuple; ``final`` the try that gave the snapshot."""
+
+    __slots__ = ("state", "final")
+
+    def __init__(self) -> None:
+        self.state = (0, 0)
+        self.final = 0
+
+    def start_try(self, n: int) -> None:
+        self.state = (n, 0)
+
+    def advance(self, nbytes: int) -> None:
+        self.state = (self.state[0], nbytes)
+
+    def done(self, n: int) -> None:
+        self.final = n
+
+
+Mark = tuple[int, int]  # (try in progress at the arrival, bytes the kernel may have made)
+
+
+class Reading(Protocol):
+    """What the rule needs of a snapshot (sources.Snapshot)."""
+
+    kernel_end: int
+    all_zero: bool
+
+
+def kernel_end(raw: bytes) -> int:
+    """Offset in a kallsyms text of the first line that is not the kernel's own (a
+    module's, or a kernel-made group's: those lines end in a tab and ``[name]``; the
+    kernel's own never hold a tab), or its length."""
+    tab = raw.find(b"\t")
+    return len(raw) if tab < 0 else raw.rfind(b"\n", 0, tab) + 1
+
+
+class KernelFirstJoin:
+    """The Coalescer's rule for sharing a reading in flight (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.hint: int | None = None  # the last reading's kernel_end: the next is alike
+
+    @staticmethod
+    def progress() -> ReadProgress:
+        return ReadProgress()
+
+    @staticmethod
+    def mark(p: ReadProgress) -> Mark:
+        tried, received = p.state
+        return tried, received + AHEAD
+
+    def may_serve(self, mark: Mark) -> bool:
+        """Worth waiting for before starting a read of one's own."""
+        return self.hint is None or mark[1] <= self.hint
+
+    def serves(self, mark: Mark, p: ReadProgress, snap: Reading) -> bool:
+        """The reading's snapshot is fresh for an opener who arrived at ``mark``."""
+        if p.final > mark[0]:
+            return True  # the try that gave it began after the arrival
+        end = snap.kernel_end
+        self.hint = end
+        return p.final == mark[0] and mark[1] <= end and not snap.all_zero
