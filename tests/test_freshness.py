@@ -319,7 +319,7 @@ def test_live_crowd_shares_the_reading_in_flight(monkeypatch):
     for _ in range(20):
         reads.clear()
         out: list = []
-        a = threading.Thread(target=lambda: out.append(dev._coalescer.get()))
+        a = threading.Thread(target=lambda o=out: o.append(dev._coalescer.get()))
         a.start()
         _until(lambda: reads)
         deadline = time.monotonic() + 5

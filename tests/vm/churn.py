@@ -30,6 +30,9 @@ TIME_LIMIT = {"ci": 280.0, "long": 1100.0, "short": 450.0, "none": 0.0}
 TIME_LIMIT_BPF = {"ci": 280.0, "long": 1100.0, "short": 500.0, "none": 0.0}
 MOUNT_EVERY = {"ci": 3, "long": 3, "short": 3, "none": 1}
 OLD_RULE_SAMPLES = {"ci": 6, "long": 60, "short": 30, "none": 0}
+CROWD = {"ci": 3, "long": 4, "short": 3, "none": 0}  # processes opening the mount at once
+CROWD_S = {"ci": 25.0, "long": 120.0, "short": 60.0, "none": 0.0}  # while the churn runs
+CROWD_MIN = {"ci": 6, "long": 40, "short": 15, "none": 0}  # images they must get, in all
 PAUSE_S = 1.2   # churners pause 0..PAUSE_S between changes (kallsyms takes ~0.5 s to read)
 BPF_CHURN_PREFIX = "kc"
 
@@ -250,6 +253,7 @@ def module_churn(report, path: str, modroot: str, mode: str) -> None:
     try:
         res = sample(path, mode, classify, TARGET[mode], TIME_LIMIT[mode])
         res["old_rule"] = old_rule(OLD_RULE_SAMPLES[mode], classify)
+        crowd(report, "modules", path, lambda: classify, mode)
     finally:
         stop.set()
         child.join(30)
@@ -375,6 +379,7 @@ def bpf_churn(report, path: str, mode: str) -> None:
     try:
         res = sample(path, mode, bpf_classifier(base, log_path), TARGET_BPF[mode],
                      TIME_LIMIT_BPF[mode])
+        crowd(report, "bpf", path, lambda: bpf_classifier(base, log_path), mode)
     finally:
         stop.set()
         child.join(30)
@@ -384,6 +389,54 @@ def bpf_churn(report, path: str, mode: str) -> None:
     report.check("churn_bpf_no_mixed_image", res["mixed"] == 0, res)
     report.check("churn_bpf_enough_images", res["served"] >= TARGET_BPF[mode],
             {k: res[k] for k in ("served", "enxio", "seconds")})
+
+
+
+# --- a crowd of openers under churn -------------------------------------------------------
+
+def _crowd_reader(path: str, make_classify, until: float, q) -> None:
+    """Open and read the mount over and over until ``until``; classify each image."""
+    classify = make_classify()
+    res = {"served": 0, "enxio": 0, "mixed": 0, "why": []}
+    while time.monotonic() < until:
+        t0 = time.monotonic()
+        try:
+            syms = im.from_image(path)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            res["enxio"] += 1
+            continue
+        t1 = time.monotonic()
+        res["served"] += 1
+        why = classify(None, syms, t0, t1)
+        if why:
+            res["mixed"] += 1
+            res["why"].append(why[:300])
+    q.put(res)
+
+
+def crowd(report, kind: str, path: str, make_classify, mode: str) -> None:
+    """CROWD[mode] processes open the mount at once, over and over, while the churn runs:
+    an opener who arrives while a reading is in flight shares it when it had not read
+    past the kernel's own symbols (ksymsfs/freshness.py). Each image must still be one
+    kernel state, and (eBPF) of an instant within its own open."""
+    q = mp.Queue()
+    until = time.monotonic() + CROWD_S[mode]
+    ps = [mp.Process(target=_crowd_reader, args=(path, make_classify, until, q))
+          for _ in range(CROWD[mode])]
+    for p in ps:
+        p.start()
+    try:
+        got = [q.get(timeout=CROWD_S[mode] + 120) for _ in ps]
+    finally:
+        for p in ps:
+            p.join(30)
+    res = {k: sum(r[k] for r in got) for k in ("served", "enxio", "mixed")}
+    res["why"] = [w for r in got for w in r["why"]][:5]
+    report.figure(f"churn_{kind}_crowd", res)
+    report.check(f"churn_{kind}_crowd_no_mixed_image",
+                 res["mixed"] == 0 and res["served"] >= CROWD_MIN[mode], res)
 
 
 def run_all(report, path: str, modroot: str, mode: str, step) -> None:

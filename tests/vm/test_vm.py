@@ -22,6 +22,7 @@ GUEST_CHECKS = [
     "kptr_restrict_policy", "unprivileged_gets_zeros",
     "churn_modules_no_mixed_image", "churn_modules_enough_images",
     "churn_bpf_no_mixed_image", "churn_bpf_enough_images",
+    "churn_modules_crowd_no_mixed_image", "churn_bpf_crowd_no_mixed_image",
 ]
 TOOLS = {"readelf": ("readelf", "-a", "-W"), "nm": ("nm",), "objdump": ("objdump", "-t"),
          "eu-readelf": ("eu-readelf", "-a")}
