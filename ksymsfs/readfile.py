@@ -26,8 +26,8 @@ def read_regular(path: str, max_bytes: int = DEFAULT_MAX_READ,
     Opened with O_NONBLOCK|O_NOCTTY so a FIFO, tty or device can never block the open;
     anything but S_IFREG is refused (procfs files are S_IFREG with st_size 0, so the size
     is not trusted: the read itself stops at ``max_bytes``). With ``into``, the bytes are
-    read into that buffer and a view of them is returned (valid until its next read);
-    ``progress`` (only with ``into``) then learns the bytes received every STEP bytes.
+    read into that buffer and a view of them is returned (valid until its next read).
+    ``progress`` learns the bytes received, at least every STEP bytes.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
@@ -43,7 +43,7 @@ def read_regular(path: str, max_bytes: int = DEFAULT_MAX_READ,
             raise SourceError(f"{path}: not a regular file; refusing to read it")
         if into is not None:
             return into.read_fd(fd, path, max_bytes, progress)
-        return _read_bounded(fd, path, max_bytes)
+        return _read_bounded(fd, path, max_bytes, progress)
     finally:
         os.close(fd)
 
@@ -124,16 +124,20 @@ def _too_big(path: str, max_bytes: int) -> None:
                       "--max-read); refusing it")
 
 
-def _read_bounded(fd: int, path: str, max_bytes: int) -> bytes:
+def _read_bounded(fd: int, path: str, max_bytes: int,
+                  progress: ReadProgress | None = None) -> bytes:
     chunks, total = [], 0
+    chunk = CHUNK if progress is None else STEP
     while True:
         try:
-            c = os.read(fd, min(CHUNK, max_bytes + 1 - total))
+            c = os.read(fd, min(chunk, max_bytes + 1 - total))
         except OSError as e:
             raise SourceError(f"{path}: cannot read: {e.strerror}") from None
         if not c:
             return b"".join(chunks)
         chunks.append(c)
         total += len(c)
+        if progress is not None:
+            progress.advance(total)
         if total > max_bytes:
             _too_big(path, max_bytes)

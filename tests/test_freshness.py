@@ -90,12 +90,13 @@ class Log(ReadProgress):
         self.seen.append(self.state)
 
 
-def test_reader_tells_its_progress_every_step(tmp_path):
+@pytest.mark.parametrize("into", [ReadBuffer, lambda: None])
+def test_reader_tells_its_progress_every_step(tmp_path, into):
     data = os.urandom(5 * STEP + 123)
     (tmp_path / "f").write_bytes(data)
     p = Log()
     p.start_try(3)
-    got = read_regular(str(tmp_path / "f"), into=ReadBuffer(), progress=p)
+    got = read_regular(str(tmp_path / "f"), into=into(), progress=p)
     assert bytes(got) == data
     sizes = [n for _, n in p.seen]
     assert sizes[-1] == len(data) and all(t == 3 for t, _ in p.seen)
