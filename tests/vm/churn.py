@@ -66,6 +66,20 @@ def take(path: str, use_mount: bool) -> tuple[bytes | None, im.Syms]:
     return snap.digest, _DIRECT["syms"]
 
 
+def _timed(take_one, *args):
+    """(start, end, take_one(*args)), or None if no clean snapshot could be had (ENXIO)."""
+    t0 = time.monotonic()
+    try:
+        got = take_one(*args)
+    except SnapshotError:
+        return None
+    except OSError as e:
+        if e.errno != errno.ENXIO:
+            raise
+        return None
+    return t0, time.monotonic(), got
+
+
 def sample(path: str, mode: str, classify, target: int, limit: float) -> dict:
     """Take images until ``target`` were served (or ``limit`` s); classify each: every
     MOUNT_EVERY-th through the mount, the others with take_snapshot directly."""
@@ -77,18 +91,11 @@ def sample(path: str, mode: str, classify, target: int, limit: float) -> dict:
     while res["served"] < n and time.monotonic() < end:
         k += 1
         use_mount = k % MOUNT_EVERY[mode] == 0
-        t0 = time.monotonic()
-        try:
-            digest, syms = take(path, use_mount)
-        except SnapshotError:
+        got = _timed(take, path, use_mount)
+        if got is None:
             res["enxio"] += 1
             continue
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-            res["enxio"] += 1
-            continue
-        t1 = time.monotonic()
+        t0, t1, (digest, syms) = got
         res["served"] += 1
         res["via_mount"] += use_mount
         res["mount_latency_s" if use_mount else "latency_s"].append(round(t1 - t0, 3))
@@ -399,15 +406,11 @@ def _crowd_reader(path: str, make_classify, until: float, q) -> None:
     classify = make_classify()
     res = {"served": 0, "enxio": 0, "mixed": 0, "why": []}
     while time.monotonic() < until:
-        t0 = time.monotonic()
-        try:
-            syms = im.from_image(path)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
+        got = _timed(im.from_image, path)
+        if got is None:
             res["enxio"] += 1
             continue
-        t1 = time.monotonic()
+        t0, t1, syms = got
         res["served"] += 1
         why = classify(None, syms, t0, t1)
         if why:
