@@ -114,18 +114,17 @@ class Coalescer:
         self._cond = threading.Condition()
         self._started = 0      # generation of the newest read begun
         self._done = 0         # generation of the newest read finished
-        self._running = 0      # reads in flight
         self._last_arrival = 0.0
         self._result: object = None
-        self._flight: dict[int, ReadProgress | None] = {}  # reads in flight: progress
+        self._flight: dict[int, ReadProgress | None] = {}  # reads in flight: their progress
         self._marked: dict[int, int] = {}  # generation -> callers who may join it
         self._ended: dict[int, tuple] = {}  # (result, progress) of marked ones that ended
 
     def _may_start(self, now: float) -> float:
         """0 if a caller may begin a read now, else the seconds to wait (inf: for a slot)."""
-        if self._running == 0:
+        if not self._flight:
             return 0.0
-        if self._running >= self._parallel:
+        if len(self._flight) >= self._parallel:
             return float("inf")
         return max(0.0, self._last_arrival + self._gather - now)
 
@@ -163,7 +162,6 @@ class Coalescer:
                     continue
                 wait = self._may_start(time.monotonic())
                 if wait <= 0:
-                    self._running += 1
                     self._started += 1
                     self._flight[self._started] = (self._join.progress() if self._join
                                                    else None)
@@ -196,7 +194,6 @@ class Coalescer:
         except BaseException as e:  # handed to every waiter of this generation
             res = ("err", e)
         with self._cond:
-            self._running -= 1
             del self._flight[gen]
             if gen in self._marked:
                 self._ended[gen] = (res, progress)
@@ -208,7 +205,7 @@ class Coalescer:
     def forget(self) -> None:
         """Drop the last result (idle memory); a caller then always starts a new read."""
         with self._cond:
-            if not self._running:
+            if not self._flight:
                 self._result = None
 
 
