@@ -191,6 +191,8 @@ class Coalescer:
         progress = self._flight[gen]
         try:
             res = ("ok", self._read() if progress is None else self._read(progress))
+            if self._join is not None:
+                self._join.learn(res[1])
         except BaseException as e:  # handed to every waiter of this generation
             res = ("err", e)
         with self._cond:

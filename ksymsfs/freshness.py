@@ -69,6 +69,7 @@ class KernelFirstJoin:
 
     def __init__(self) -> None:
         self.hint: int | None = None  # the last reading's kernel_end: the next is alike
+        # (learnt from every reading, the mount's first included)
 
     @staticmethod
     def progress() -> ReadProgress:
@@ -79,6 +80,10 @@ class KernelFirstJoin:
         tried, received = p.state
         return tried, received + AHEAD
 
+    def learn(self, snap: Reading) -> None:
+        """Every reading's kernel part ends where the last one's did (the hint)."""
+        self.hint = snap.kernel_end
+
     def may_serve(self, mark: Mark) -> bool:
         """Worth waiting for before starting a read of one's own."""
         return self.hint is None or mark[1] <= self.hint
@@ -87,6 +92,4 @@ class KernelFirstJoin:
         """The reading's snapshot is fresh for an opener who arrived at ``mark``."""
         if p.final > mark[0]:
             return True  # the try that gave it began after the arrival
-        end = snap.kernel_end
-        self.hint = end
-        return p.final == mark[0] and mark[1] <= end and not snap.all_zero
+        return p.final == mark[0] and mark[1] <= snap.kernel_end and not snap.all_zero

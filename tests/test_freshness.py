@@ -74,7 +74,9 @@ def test_rule_serves_only_readings_that_had_not_passed_the_kernel():
     assert not rule.serves(mark, p, Snap(10 ** 9, all_zero=True))  # hidden at its open
     p.done(2)  # the try that gave it began after the arrival: a fresh reading
     assert rule.serves(mark, p, Snap(0)) and rule.serves(mark, p, Snap(0, all_zero=True))
-    assert rule.hint == 10 ** 9 and not rule.may_serve((1, 10 ** 9 + 1))
+    assert rule.hint is None and rule.may_serve((1, 10 ** 9 + 1))  # nothing known: wait
+    rule.learn(Snap(10 ** 9))
+    assert rule.may_serve((1, 10 ** 9)) and not rule.may_serve((1, 10 ** 9 + 1))
 
 
 # -- the reader's progress -----------------------------------------------------------------
@@ -190,6 +192,32 @@ def test_coalescer_reads_again_for_an_opener_a_reading_does_not_serve(why):
         t.join(5)
     assert first == [old] and late == [new]
     assert not c._marked and not c._ended  # nothing kept for callers who are gone
+
+
+def test_coalescer_knows_the_kernel_part_from_the_first_reading():
+    """The mount's first reading (no opener joined it) tells where the kernel's own
+    symbols end: an opener who comes when a later reading is past that point starts a
+    read of its own at once instead of waiting for that reading to end."""
+    read = GatedRead()
+    c = Coalescer(read, parallel=2, join=KernelFirstJoin())
+    first, second, late = [], [], []
+    t1 = _get_in_thread(c, first)  # the mount's first reading: nobody else waits on it
+    _until(lambda: len(read.calls) == 1)
+    read.then(Snap(1 << 20, tag="first"))
+    t1.join(5)
+    t2 = _get_in_thread(c, second)
+    _until(lambda: len(read.calls) == 2)
+    read.then(2 << 20)  # past the kernel's own symbols
+    _until(lambda: read.calls[1].state == (1, 2 << 20))
+    t3 = _get_in_thread(c, late)
+    _until(lambda: len(read.calls) == 3)  # its own read, while the second one still runs
+    assert read.calls[1].final == 0 and t2.is_alive()
+    read.then(Snap(1 << 20, tag="second"))
+    read.then(Snap(1 << 20, tag="third"))
+    for t in (t2, t3):
+        t.join(5)
+    assert first[0].tag == "first" and {second[0].tag, late[0].tag} == {"second", "third"}
+    assert not c._marked and not c._ended and not c._flight
 
 
 def test_coalescer_with_join_never_serves_a_reading_that_does_not_qualify():
