@@ -139,6 +139,9 @@ def test_bench_reports_vm_guest_figures(tmp_path):
     assert g["skipped"] is None and abs(g["ratio"] - 1.5) < 1e-9
     assert abs(g["ratio_floor"] - 1.2) < 1e-9  # 0.6 / (0.4 + 0.1)
     assert "VM guest: cat MOUNT" in stdout and "MOUNT vs its floor" in stdout
+    row = next(x for x in stdout.splitlines() if "VM guest: cat MOUNT" in x)
+    assert "(report)" in row and "PASS" not in row and "FAIL" not in row
+    assert not any(c["name"].startswith("vm_guest") for c in data["checks"])
 
 
 def test_generator_is_realistic_and_deterministic():
