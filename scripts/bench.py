@@ -17,7 +17,7 @@ Sections (medians of --repeat runs; a PASS/FAIL column where the project has a t
      time (make_image from the files, the collector off while timed) vs the time to read
      the input, and the peak RSS of a fresh process doing only that, vs the image size;
      linearity: the largest size's build time over that of a tenth of its symbols, the
-     small one measured in two processes, before and after the large one;
+     median of paired rounds (a fresh process for each size, back to back);
   d) 1, 8 and 32 processes reading the mount at once: wall time vs one, daemon memory
      (and its RSS when idle); the same on the captured-kallsyms mount (what FUSE transfer
      alone costs) and vs as many ``dd`` of a local copy;
@@ -623,26 +623,43 @@ def sec_scaling(rep: Report, args, work: str) -> dict:
     return res
 
 
+LINEARITY_ROUNDS = 3
+
+
 def linearity_row(rep: Report, args, work: str, ss: list[dict]) -> dict:
     """Build time of the largest size / of the size with a tenth of its symbols.
 
-    The small size is measured again after the large one, in a second fresh process with
-    twice the runs (it is cheap), and its median is taken over both processes' builds:
-    a change in the machine's load between the two children moves both sides alike.
+    Measured in paired rounds, each a fresh process for the small size and one for the
+    large, back to back (the order alternating, so a steady drift cancels); a round's
+    ratio is its large median over its small median, and the figure is the median of the
+    rounds. The machine's speed drifts by tens of percent within a minute here (one run's
+    small builds took 137-169 ms before its large ones and 188-228 ms after), so builds
+    are compared only with builds measured beside them.
     """
     big = ss[-1]
     small = next((s for s in ss if s["symbols"] * 10 == big["symbols"]), ss[0])
-    kp, mp = gen_tables(work, small["symbols"], args.seed)
-    again = child_build(kp, mp, 2 * args.repeat, "-")["build_s"]
-    small_runs = small["build_s"]["runs"] + again
-    lin = big["build_s"]["median"] / med(small_runs)
+    tables = {n: gen_tables(work, n, args.seed) for n in (small["symbols"], big["symbols"])}
+    rounds = []
+    for r in range(LINEARITY_ROUNDS):
+        order = [small["symbols"], big["symbols"]][::1 if r % 2 == 0 else -1]
+        got = {}
+        for n in order:
+            kp, mp = tables[n]
+            reps = 2 * args.repeat if n == small["symbols"] else args.repeat
+            got[n] = child_build(kp, mp, reps, "-")["build_s"]
+        rounds.append({"small_build_s": fig(got[small["symbols"]]),
+                       "big_build_s": fig(got[big["symbols"]]),
+                       "ratio": med(got[big["symbols"]]) / med(got[small["symbols"]])})
+    ratios = [x["ratio"] for x in rounds]
+    lin = med(ratios)
     ratio_n = big["symbols"] / small["symbols"]
     lim = TARGETS["linearity"] if ratio_n == 10 else TARGETS["linearity"] * ratio_n / 10
     ok = rep.check("linearity", lin, lim, what=f"build {big['symbols']} / {small['symbols']}")
-    rep.row(f"linearity build {big['symbols']}/{small['symbols']} (small: 2 procs)", lin, "x",
-            f"{ratio_n:g}x the symbols", lin / ratio_n, f"<= {lim:g}x", ok)
+    rep.row(f"linearity build {big['symbols']}/{small['symbols']} "
+            f"({LINEARITY_ROUNDS} paired rounds: {min(ratios):.2f}-{max(ratios):.2f}x)",
+            lin, "x", f"{ratio_n:g}x the symbols", lin / ratio_n, f"<= {lim:g}x", ok)
     return {"big": big["symbols"], "small": small["symbols"], "symbol_ratio": ratio_n,
-            "time_ratio": lin, "small_build_s": fig(small_runs)}
+            "time_ratio": lin, "rounds": rounds}
 
 
 # ---------------------------------------------------------------------------------------

@@ -108,7 +108,13 @@ def test_bench_scaling_section(bench_json):
         _positive(s, "symbols", "input_bytes", "image_bytes", "build_s", "read_s",
                   "snapshot_s", "peak_rss_bytes", "rss_per_image", "build_per_read")
         assert len(s["build_s"]["runs"]) == bench_json["meta"]["repeat"]
-    _positive(bench_json["scaling"]["linearity"], "time_ratio", "symbol_ratio")
+    lin = bench_json["scaling"]["linearity"]
+    _positive(lin, "time_ratio", "symbol_ratio")
+    # paired rounds: each round's ratio from its own two processes, the figure their median
+    assert len(lin["rounds"]) == 3
+    for r in lin["rounds"]:
+        assert r["ratio"] == r["big_build_s"]["median"] / r["small_build_s"]["median"]
+    assert lin["time_ratio"] == sorted(r["ratio"] for r in lin["rounds"])[1]
 
 
 def test_bench_lookup_section(bench_json):
