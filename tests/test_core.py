@@ -408,6 +408,33 @@ def test_read_buffer_reads_exactly_grows_and_keeps_the_cap(tmp_path):
     assert second.size_hint == buf.size_hint  # no doubling past the first one's size
 
 
+def test_plain_read_of_a_sized_file_is_one_read_and_exact(tmp_path, monkeypatch):
+    """Without a reuse buffer, a regular file is read in one read() of its size (+1 to see
+    growth): exact bytes, the cap kept, a file grown or shrunk since fstat read whole;
+    procfs (size 0) still in chunks."""
+    import ksymsfs.readfile as rf
+    data = os.urandom(3 * rf.CHUNK + 12345)
+    big = tmp_path / "big"
+    big.write_bytes(data)
+    reads = []
+    real_read, real_fstat = os.read, os.fstat
+    monkeypatch.setattr(rf.os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
+    assert rf.read_regular(str(big)) == data and reads == [len(data) + 1]
+    assert rf.read_regular(str(big), len(data)) == data
+    with pytest.raises(SourceError, match="larger than"):
+        rf.read_regular(str(big), len(data) - 1)
+    for told in (len(data) // 2, len(data) + 999):  # grown / shrunk since the fstat
+
+        def fstat(fd, told=told):
+            st = real_fstat(fd)
+            return os.stat_result((st.st_mode, *st[1:6], told, *st[7:]))
+        monkeypatch.setattr(rf.os, "fstat", fstat)
+        assert rf.read_regular(str(big)) == data
+    monkeypatch.setattr(rf.os, "fstat", real_fstat)
+    reads.clear()
+    assert b"\n" in rf.read_regular("/proc/self/maps") and len(reads) >= 2
+
+
 def test_device_keeps_a_read_buffer_per_read_in_flight(tmp_path, monkeypatch):
     """Two reads at once use two buffers, the second sized like the first; both are
     kept for the next crowd and freed (their sizes remembered) when the device idles."""
