@@ -623,7 +623,8 @@ def sec_scaling(rep: Report, args, work: str) -> dict:
     return res
 
 
-LINEARITY_ROUNDS = 3
+LINEARITY_ROUNDS = 5  # fresh processes differ most (one 300k build: 130-195 ms medians)
+LINEARITY_BIG_BUILDS = 3
 
 
 def linearity_row(rep: Report, args, work: str, ss: list[dict]) -> dict:
@@ -634,7 +635,9 @@ def linearity_row(rep: Report, args, work: str, ss: list[dict]) -> dict:
     ratio is its large median over its small median, and the figure is the median of the
     rounds. The machine's speed drifts by tens of percent within a minute here (one run's
     small builds took 137-169 ms before its large ones and 188-228 ms after), so builds
-    are compared only with builds measured beside them.
+    are compared only with builds measured beside them; and one fresh process's speed
+    differs from the next's by as much (the same 300k build: medians of 130-195 ms, with
+    or without ASLR), so there are several rounds of few builds each.
     """
     big = ss[-1]
     small = next((s for s in ss if s["symbols"] * 10 == big["symbols"]), ss[0])
@@ -645,7 +648,8 @@ def linearity_row(rep: Report, args, work: str, ss: list[dict]) -> dict:
         got = {}
         for n in order:
             kp, mp = tables[n]
-            reps = 2 * args.repeat if n == small["symbols"] else args.repeat
+            reps = 2 * args.repeat if n == small["symbols"] else \
+                min(args.repeat, LINEARITY_BIG_BUILDS)
             got[n] = child_build(kp, mp, reps, "-")["build_s"]
         rounds.append({"small_build_s": fig(got[small["symbols"]]),
                        "big_build_s": fig(got[big["symbols"]]),
