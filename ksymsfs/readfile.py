@@ -137,9 +137,10 @@ def _read_bounded(fd: int, path: str, max_bytes: int,
             whole = os.read(fd, size + 1)  # + 1: a file grown since the fstat reads on
         except OSError as e:
             raise SourceError(f"{path}: cannot read: {e.strerror}") from None
-        if len(whole) <= size:
-            return whole
-        chunks, total = [whole], len(whole)
+        chunks, total = [whole], len(whole)  # then reads to EOF: a short read is not
+        #                                       one (kernfs gives a page per read)
+        if total > max_bytes:
+            _too_big(path, max_bytes)
     while True:
         try:
             c = os.read(fd, min(chunk, max_bytes + 1 - total))

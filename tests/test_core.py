@@ -410,8 +410,9 @@ def test_read_buffer_reads_exactly_grows_and_keeps_the_cap(tmp_path):
 
 def test_plain_read_of_a_sized_file_is_one_read_and_exact(tmp_path, monkeypatch):
     """Without a reuse buffer, a regular file is read in one read() of its size (+1 to see
-    growth): exact bytes, the cap kept, a file grown or shrunk since fstat read whole;
-    procfs (size 0) still in chunks."""
+    growth), then one to see EOF: exact bytes, the cap kept, a file grown or shrunk since
+    fstat read whole, short reads (kernfs: a page per read) read on; procfs (size 0)
+    still in chunks."""
     import ksymsfs.readfile as rf
     data = os.urandom(3 * rf.CHUNK + 12345)
     big = tmp_path / "big"
@@ -419,10 +420,16 @@ def test_plain_read_of_a_sized_file_is_one_read_and_exact(tmp_path, monkeypatch)
     reads = []
     real_read, real_fstat = os.read, os.fstat
     monkeypatch.setattr(rf.os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
-    assert rf.read_regular(str(big)) == data and reads == [len(data) + 1]
+    assert rf.read_regular(str(big)) == data and reads == [len(data) + 1, rf.CHUNK]
     assert rf.read_regular(str(big), len(data)) == data
+    for cap in (len(data) - 1, len(data) // 2):
+        with pytest.raises(SourceError, match="larger than"):
+            rf.read_regular(str(big), cap)
+    monkeypatch.setattr(rf.os, "read", lambda fd, n: real_read(fd, min(n, 4096)))
+    assert rf.read_regular(str(big)) == data  # a page per read()
     with pytest.raises(SourceError, match="larger than"):
         rf.read_regular(str(big), len(data) - 1)
+    monkeypatch.setattr(rf.os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
     for told in (len(data) // 2, len(data) + 999):  # grown / shrunk since the fstat
 
         def fstat(fd, told=told):
