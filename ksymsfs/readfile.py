@@ -132,20 +132,15 @@ def _read_bounded(fd: int, path: str, max_bytes: int,
     faults of one buffer, and a copy)."""
     chunks, total = [], 0
     chunk = CHUNK if progress is None else STEP
-    if progress is None and 0 < size <= max_bytes:
-        try:
-            whole = os.read(fd, size + 1)  # + 1: a file grown since the fstat reads on
-        except OSError as e:
-            raise SourceError(f"{path}: cannot read: {e.strerror}") from None
-        chunks, total = [whole], len(whole)  # then reads to EOF: a short read is not
-        #                                       one (kernfs gives a page per read)
-        if total > max_bytes:
-            _too_big(path, max_bytes)
+    # the first read takes all of a sized file (+ 1: one grown since the fstat reads on);
+    # then on to EOF, since a short read is not one (kernfs gives a page per read)
+    want = size + 1 if progress is None and 0 < size <= max_bytes else chunk
     while True:
         try:
-            c = os.read(fd, min(chunk, max_bytes + 1 - total))
+            c = os.read(fd, min(want, max_bytes + 1 - total))
         except OSError as e:
             raise SourceError(f"{path}: cannot read: {e.strerror}") from None
+        want = chunk
         if not c:
             return b"".join(chunks)
         chunks.append(c)
