@@ -182,14 +182,14 @@ def build_virtual(table: SymbolTable, target: Target, load_order: list[str] | No
     for (_, _, data), off in zip(note_secs, lay.note_offs):
         front[off:off + len(data)] = data
     lay.write_headers(front, shdrs, name_offs, first_global)
-    # the stored tail, .symtab to the section headers, in one copy into one bytes object
-    # (no zero-filled buffer written twice; VirtualImage keeps bytes as they are)
-    back = b"".join((symtab, table.strtab, bytes(lay.infooff - lay.stroff - lay.strsize),
-                     words, modstr, shstr,
-                     bytes(lay.shoff - lay.shstroff - lay.shstrsize), shdrs))
-    del symtab, words
-    assert len(back) == lay.filesize - lay.backoff
-    return VirtualImage([(0, front), (lay.backoff, back)], lay.filesize)
+    # the stored runs as they are, none copied: the symbol table and info words (NumPy
+    # memory), the kallsyms string table (shared with the table), the small ones; the
+    # alignment gaps between them read as zeros like the address sections
+    runs = ((lay.symoff, symtab.view(np.uint8)), (lay.stroff, table.strtab),
+            (lay.infooff, words.view(np.uint8)), (lay.modsoff, modstr),
+            (lay.shstroff, shstr), (lay.shoff, shdrs))
+    assert lay.shoff + len(shdrs) == lay.filesize
+    return VirtualImage([(0, front), *runs], lay.filesize)
 
 
 def _mapping_symbols(mapping: np.ndarray, info: np.ndarray) -> np.ndarray | None:
@@ -239,7 +239,7 @@ class _Layout:
 
     File order: Ehdr | Phdr[] | notes (stored: "front") | address sections (zeros, never
     stored) | .symtab | .strtab | .ksyms.info | .ksyms.modules | .shstrtab | Shdr[]
-    (stored: "back"). The tables come last so that a truncated file is caught by the
+    (each stored as it is). The tables come last so that a truncated file is caught by the
     readers' bounds checks; NOBITS sections get offsets past the end.
     """
 
@@ -263,7 +263,7 @@ class _Layout:
             self.note_offs.append(cur)
             cur += len(data)
         self.frontsize = cur
-        self.backoff = self.symoff = _align(place(sections, _align(cur, 16)), 8)
+        self.symoff = _align(place(sections, _align(cur, 16)), 8)
         self.stroff = self.symoff + (n + 1) * sym_t.itemsize
         self.strsize = strsize
         self.infooff = _align(self.stroff + strsize, 4)

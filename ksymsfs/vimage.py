@@ -13,13 +13,31 @@ import os
 ZERO_CHUNK = 1 << 20  # zeros written at a time where a file cannot hold a hole
 
 
+def _stored(data: object) -> tuple[bytes | memoryview, int]:
+    """A part as the image keeps it, and its address: bytes as they are; any other buffer
+    (a bytearray, a NumPy array's bytes) is kept, not copied, behind a read-only view,
+    which also stops it being resized while the image lives; a read-only one is copied."""
+    view = None if isinstance(data, bytes) else memoryview(data)
+    if view is not None and view.readonly:  # no address to take of it: kept as bytes
+        data, view = bytes(view), None
+    if view is None:
+        return data, ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    base = ctypes.addressof(ctypes.c_char.from_buffer(view)) if len(view) else 0
+    return view.toreadonly(), base
+
+
 class VirtualImage:
-    """``size`` bytes: the stored ``parts`` [(offset, bytes)] at their offsets, else zeros."""
+    """``size`` bytes: the stored ``parts`` [(offset, bytes)] at their offsets, else zeros.
+    A part given as a writable buffer is not copied: whoever made it must not change it."""
 
     __slots__ = ("parts", "size", "_bases")
 
-    def __init__(self, parts: list[tuple[int, bytes]], size: int):
-        parts = sorted((off, bytes(b)) for off, b in parts if b)
+    def __init__(self, parts: list[tuple[int, bytes | bytearray | memoryview]], size: int):
+        stored = sorted(((off, *_stored(b)) for off, b in parts if len(b)),
+                        key=lambda p: p[0])
+        parts = [(off, b) for off, b, _ in stored]
         end = 0
         for off, b in parts:
             if off < end:
@@ -29,7 +47,7 @@ class VirtualImage:
             raise ValueError("virtual size smaller than the stored parts")
         self.parts = parts
         self.size = size
-        self._bases = [ctypes.cast(ctypes.c_char_p(b), ctypes.c_void_p).value for _, b in parts]
+        self._bases = [base for _, _, base in stored]
 
     @classmethod
     def of(cls, data: bytes) -> VirtualImage:
@@ -67,8 +85,18 @@ class VirtualImage:
         zeros = self.size - self.real_size
         if sub.strip(b"\0") == b"":
             return len(sub) <= zeros or sub in bytes(self)
-        pad = bytes(len(sub))  # a match may run into the zeros around a part
-        return any(sub in pad + b + pad for _, b in self.parts)
+        # a match lies in runs closer together than its length, and the zeros around them
+        groups: list[list[tuple[int, bytes | memoryview]]] = []
+        for off, b in self.parts:
+            if groups and off - _end(groups[-1][-1]) < len(sub):
+                groups[-1].append((off, b))
+            else:
+                groups.append([(off, b)])
+        for g in groups:
+            lo, hi = max(0, g[0][0] - len(sub)), min(self.size, _end(g[-1]) + len(sub))
+            if sub in self[lo:hi]:
+                return True
+        return False
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, VirtualImage):
@@ -118,6 +146,10 @@ class VirtualImage:
                 os.lseek(fd, start + self.size, os.SEEK_SET)
             else:
                 _skip(fd, self.size - cur, False)
+
+
+def _end(part: tuple[int, bytes | memoryview]) -> int:
+    return part[0] + len(part[1])
 
 
 def _skip(fd: int, zeros: int, seekable: bool) -> None:

@@ -503,3 +503,36 @@ def test_image_digest_tells_apart_every_change_of_the_served_bytes():
     digests = {image_digest(o) for o in others}
     assert len(digests) == len(others) and image_digest(one) not in digests
     assert image_digest(b"ab") == image_digest(VirtualImage.of(b"ab"))
+
+
+def test_image_keeps_its_runs_uncopied_read_only_and_exact():
+    """build_virtual stores the symbol table, info words and the kallsyms string table as
+    they are (the strings shared with the parsed table, not copied: a 3M-symbol build
+    copied 150 MB here), each behind a read-only view that also pins the buffer's size;
+    every way of reading the image gives the same bytes as the one-buffer build."""
+    import ctypes
+
+    from ksymsfs.builder import build_virtual
+    from ksymsfs.vimage import VirtualImage
+    t = parse_kallsyms(KS.encode())
+    target = make_target(address_bits=t.address_bits)
+    v = build_virtual(t, target, ["a", "b"])
+    strings = np.frombuffer(t.strtab, np.uint8)
+    shared = [b for _, b in v.parts if np.shares_memory(np.frombuffer(b, np.uint8), strings)]
+    assert len(shared) == 1 and bytes(shared[0]) == bytes(t.strtab)
+    assert all(isinstance(b, bytes) or b.readonly for _, b in v.parts)
+    if isinstance(t.strtab, bytearray):
+        with pytest.raises(BufferError):
+            t.strtab += b"x"  # pinned while the image lives
+    whole = bytes(build_image(t, target, ["a", "b"]))
+    assert bytes(v) == whole and v == whole and len(v) == len(whole)
+    out = ctypes.create_string_buffer(len(whole))
+    for off in range(0, len(whole), 97):
+        n = v.copy_into(ctypes.addressof(out) + off, off, 97)
+        assert out.raw[off:off + n] == whole[off:off + 97]
+    mixed = VirtualImage([(4, bytearray(b"xy")), (0, np.array([7], np.uint8)),
+                          (8, memoryview(b"z"))], 10)
+    assert bytes(mixed) == b"\7\0\0\0xy\0\0z\0" and mixed[3:9] == b"\0xy\0\0z"
+    assert b"xy\0\0z" in mixed and b"yx" not in mixed
+    with pytest.raises(ValueError, match="overlapping"):
+        VirtualImage([(0, bytearray(b"abc")), (2, b"d")], 10)
