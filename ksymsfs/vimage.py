@@ -13,19 +13,18 @@ import os
 ZERO_CHUNK = 1 << 20  # zeros written at a time where a file cannot hold a hole
 
 
-def _stored(data: object) -> tuple[bytes | memoryview, int]:
-    """A part as the image keeps it, and its address: bytes as they are; any other buffer
-    (a bytearray, a NumPy array's bytes) is kept, not copied, behind a read-only view,
-    which also stops it being resized while the image lives; a read-only one is copied."""
-    view = None if isinstance(data, bytes) else memoryview(data)
-    if view is not None and view.readonly:  # no address to take of it: kept as bytes
-        data, view = bytes(view), None
-    if view is None:
-        return data, ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
-    if view.format != "B" or view.ndim != 1:
-        view = view.cast("B")
-    base = ctypes.addressof(ctypes.c_char.from_buffer(view)) if len(view) else 0
-    return view.toreadonly(), base
+def _kept(data: object) -> tuple[bytes | memoryview, int]:
+    """A part as the image keeps it, and its address: bytes as they are; any other writable
+    buffer (a bytearray, a NumPy array's bytes) not copied, behind a read-only view, which
+    also stops it being resized while the image lives; a read-only one as a bytes copy."""
+    if not isinstance(data, bytes):
+        view = memoryview(data)
+        if not view.readonly:
+            view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+            base = ctypes.addressof(ctypes.c_char.from_buffer(view)) if len(view) else 0
+            return view.toreadonly(), base
+        data = bytes(view)
+    return data, ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
 
 
 class VirtualImage:
@@ -35,7 +34,7 @@ class VirtualImage:
     __slots__ = ("parts", "size", "_bases")
 
     def __init__(self, parts: list[tuple[int, bytes | bytearray | memoryview]], size: int):
-        stored = sorted(((off, *_stored(b)) for off, b in parts if len(b)),
+        stored = sorted(((off, *_kept(b)) for off, b in parts if len(b)),
                         key=lambda p: p[0])
         parts = [(off, b) for off, b, _ in stored]
         end = 0
@@ -85,18 +84,15 @@ class VirtualImage:
         zeros = self.size - self.real_size
         if sub.strip(b"\0") == b"":
             return len(sub) <= zeros or sub in bytes(self)
-        # a match lies in runs closer together than its length, and the zeros around them
-        groups: list[list[tuple[int, bytes | memoryview]]] = []
+        # a match lies within runs closer together than its length and the zeros around
+        spans: list[list[int]] = []  # [start, end] of each such group of runs
         for off, b in self.parts:
-            if groups and off - _end(groups[-1][-1]) < len(sub):
-                groups[-1].append((off, b))
+            if spans and off - spans[-1][1] < len(sub):
+                spans[-1][1] = off + len(b)
             else:
-                groups.append([(off, b)])
-        for g in groups:
-            lo, hi = max(0, g[0][0] - len(sub)), min(self.size, _end(g[-1]) + len(sub))
-            if sub in self[lo:hi]:
-                return True
-        return False
+                spans.append([off, off + len(b)])
+        return any(sub in self[max(0, lo - len(sub)):min(self.size, hi + len(sub))]
+                   for lo, hi in spans)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, VirtualImage):
@@ -146,10 +142,6 @@ class VirtualImage:
                 os.lseek(fd, start + self.size, os.SEEK_SET)
             else:
                 _skip(fd, self.size - cur, False)
-
-
-def _end(part: tuple[int, bytes | memoryview]) -> int:
-    return part[0] + len(part[1])
 
 
 def _skip(fd: int, zeros: int, seekable: bool) -> None:
