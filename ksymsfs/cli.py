@@ -147,8 +147,10 @@ def _write_data(f, data) -> None:
 
 
 def cmd_snapshot(a: argparse.Namespace) -> int:
+    from .malloc import tune_malloc
     from .snapshot import make_image
 
+    tune_malloc()  # a build's temporaries reuse each other's memory (malloc.py)
     src = sources_from_args(a)
     src.strict_modules = False
     img = make_image(src, a.hide_addresses, a.arch, ELFCLASS_OF[a.elfclass], a.endian)

@@ -1,27 +1,30 @@
-"""glibc malloc as the daemon runs it: one arena, big buffers in their own mappings."""
+"""glibc malloc as ksymsfs builds: one arena, big buffers in the heap, trimmed when idle."""
 
 from __future__ import annotations
 
 import ctypes
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # mallopt (glibc malloc.h)
-MMAP_THRESHOLD = 2 << 20   # above readfile's read chunk (1 MiB): procfs answers a page per
-#                            read, and an mmap + munmap for each made opens slower
-TRIM_THRESHOLD = 64 << 20  # bytes free at the heap top before free() gives them back
+MMAP_THRESHOLD = 1 << 30   # every buffer a build makes comes from the heap (the read cap is
+#                            512 MiB): one freed is reused by the next, where a mapping of
+#                            its own (glibc's default above 128 KiB) is fresh pages each time
+TRIM_THRESHOLD = 64 << 20  # free() gives back the heap top once more than this is free
 ARENA_MAX = 1  # 2 kept 6 MB resident in the second arena after crowds (36 vs 42 MB idle)
 
 
 def tune_malloc() -> ctypes.CDLL | None:
     """One malloc arena for FUSE's worker threads (malloc_trim then gives back what a crowd
     left; a second arena kept ~6 MB resident, and one arena did not slow a crowd); big
-    buffers (a kallsyms text, an image) always in their own mappings, so freeing them
-    returns them to the system (a fixed threshold: glibc's sliding one keeps buffers up
-    to 32 MiB in the heap after the first free, so only bigger inputs paid for fresh
-    pages). Setting it also pins the trim threshold at 128 KiB, which gave back and
-    faulted in again the heap top at every 1 MiB read buffer: it is raised, and the
-    caller trims (``malloc_trim``) when idle. Call it before a second thread allocates:
-    one that did keeps an arena of its own, which glibc then hands to other threads too.
-    Returns libc (None where it is not glibc)."""
+    buffers in the heap, not each in a mapping of its own. A build makes a hundred
+    temporaries of 2-150 MB at 3M symbols: each in its own mapping was fresh 4 KiB pages
+    (page faults and zeroing, 45k faults and 40% of the image build at 3M, none at 300k,
+    whose temporaries fitted under the old 2 MiB threshold); from the heap, one freed is
+    reused by the next (3M: 565 -> 330 ms for the image, 45k -> 0.5k faults). Up to 64 MiB free
+    at the heap top stays between builds (more is given back at once); the daemon gives
+    back the rest when idle (``malloc_trim``, which also releases free pages inside the
+    heap). Call it
+    before a second thread allocates: one that did keeps an arena of its own, which glibc
+    then hands to other threads too. Returns libc (None where it is not glibc)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(M_ARENA_MAX, ARENA_MAX)

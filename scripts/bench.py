@@ -103,7 +103,7 @@ def status(key):
 from ksymsfs.malloc import tune_malloc
 from ksymsfs.snapshot import make_image
 from ksymsfs.sources import Sources, take_snapshot
-tune_malloc()  # as the daemon builds: every big buffer fresh pages, whatever the size
+tune_malloc()  # as the daemon and the CLI build: big buffers from the heap
 kp, mp, repeat, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 src = Sources(kallsyms=kp, modules=mp, modules_optional=False, strict_modules=False)
 reset = True
