@@ -5,15 +5,15 @@ import sys
 
 import pytest
 
-# In a fresh process (mallopt is process-wide): a 48 MiB buffer (under the trim threshold:
-# a build's temporaries) is freed, a second one of the same size is written page by page,
+# In a fresh process (mallopt is process-wide): a 96 MiB buffer (a temporary of a 3M-symbol
+# build) is freed, a second one of the same size is written page by page,
 # then freed and the heap trimmed. Prints the page
 # faults of writing the second buffer and the resident set before and after the trim.
 PROBE = r"""
 import ctypes, resource, sys
 from ksymsfs.malloc import tune_malloc
 libc = tune_malloc() if sys.argv[1] == "tuned" else ctypes.CDLL("libc.so.6")
-SIZE, PAGE = 48 << 20, 4096
+SIZE, PAGE = 96 << 20, 4096
 def rss():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) << 10 for l in f if l.startswith("VmRSS:"))
@@ -41,9 +41,9 @@ def _probe(mode: str) -> tuple[int, int, int]:
 @pytest.mark.parametrize("mode", ["tuned", "default"])
 def test_a_freed_big_buffer_is_reused_and_given_back_when_trimmed(mode):
     faults, held, trimmed = _probe(mode)
-    pages = (48 << 20) // 4096
+    pages = (96 << 20) // 4096
     if mode == "default":  # glibc's own policy: a fresh mapping, every page faulted again
         assert faults > pages * 0.9
         return
     assert faults < pages * 0.05  # the freed buffer's pages, reused as they are
-    assert held - trimmed > (48 << 20) * 0.9  # malloc_trim gives them back (idle RSS)
+    assert held - trimmed > (96 << 20) * 0.9  # malloc_trim gives them back (idle RSS)
