@@ -146,11 +146,18 @@ def kvm_usable() -> bool:
     return True
 
 
+def guest_python() -> str:
+    """This interpreter as the guest must start it: by its own path, not the file that path
+    resolves to, so a venv's ``bin/python`` (a symlink) finds its ``pyvenv.cfg`` and the
+    venv's packages (the resolved file is the base interpreter, which may lack them)."""
+    return os.path.abspath(sys.executable)
+
+
 def qemu_cmd(k: Kernel, out: Path, accel: str, smp: int, mem_mb: int) -> list[str]:
     cpu = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else \
           ["-accel", "tcg,thread=multi", "-cpu", "max"]
     cmdline = (f"console=ttyS0 loglevel=4 panic=-1 rdinit=/init "
-               f"ksymsfs.wt={REPO} ksymsfs.py={os.path.realpath(sys.executable)}")
+               f"ksymsfs.wt={REPO} ksymsfs.py={guest_python()}")
     return ["qemu-system-x86_64", *cpu, "-smp", str(smp), "-m", str(mem_mb),
             "-kernel", str(k.vmlinuz), "-initrd", str(k.initrd), "-append", cmdline,
             "-display", "none", "-monitor", "none", "-no-reboot", "-nodefaults",
@@ -217,6 +224,7 @@ def boot(out: Path, churn: str = "ci", timeout: float = 600.0,
          profile: bool = False) -> dict:
     """Prepare (cached), boot the scenario once, return the guest's results.json."""
     why = hidden_from_guest({"the checkout": str(REPO), "Python": sys.executable,
+                             "its environment": sys.prefix,
                              "the VM cache (kernel modules)": str(CACHE)})
     if why:
         raise BootError(why)

@@ -200,3 +200,22 @@ def test_boot_refuses_a_checkout_the_guest_cannot_see(tmp_path, monkeypatch) -> 
     assert harness.hidden_from_guest({"x": "/srv/ksymsfs", "y": "/tmpfs-not/x"}) == ""
     assert harness.hidden_from_guest({"Python": "/run/x/python3"}).startswith(
         "Python /run/x/python3 is under /run")
+
+
+def test_guest_python_is_this_environment_not_its_base_interpreter() -> None:
+    """The guest starts the interpreter by the path the harness gives, with an empty
+    environment (PYTHONPATH = the checkout): that must be this venv, whose packages
+    (pyelftools, NumPy) the guest imports; the file a venv's bin/python resolves to is the
+    base interpreter, which on a machine whose Python is pyenv's had no pyelftools."""
+    import subprocess
+    import sys
+
+    from tests.vm import harness
+
+    py = harness.guest_python()
+    assert os.path.isabs(py)
+    r = subprocess.run(["/usr/bin/env", "-i", "PATH=/usr/bin:/bin", py, "-c",
+                        "import sys, elftools, numpy; print(sys.prefix)"],
+                       capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == sys.prefix

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -69,8 +70,8 @@ def _lines(path: Path) -> list[str]:
 
 
 def _dump(image: Path) -> list[str]:
-    r = subprocess.run([os.environ.get("PYTHON", "python3"), "-m", "ksymsfs", "dump",
-                        str(image)], capture_output=True, env=cli_env(), timeout=300)
+    r = subprocess.run([sys.executable, "-m", "ksymsfs", "dump", str(image)],
+                       capture_output=True, env=cli_env(), timeout=300)
     assert r.returncode == 0, r.stderr
     return r.stdout.decode("utf-8", "surrogateescape").splitlines()
 
