@@ -624,7 +624,6 @@ def sec_scaling(rep: Report, args, work: str) -> dict:
 
 
 LINEARITY_ROUNDS = 5  # fresh processes differ most (one 300k build: 130-195 ms medians)
-LINEARITY_BIG_BUILDS = 3
 
 
 def linearity_row(rep: Report, args, work: str, ss: list[dict]) -> dict:
@@ -637,7 +636,10 @@ def linearity_row(rep: Report, args, work: str, ss: list[dict]) -> dict:
     small builds took 137-169 ms before its large ones and 188-228 ms after), so builds
     are compared only with builds measured beside them; and one fresh process's speed
     differs from the next's by as much (the same 300k build: medians of 130-195 ms, with
-    or without ASLR), so there are several rounds of few builds each.
+    or without ASLR), so there are several rounds of few builds each. Both sizes get the
+    same number of builds: a process's first build is slower (its heap still grows, fresh
+    pages), and with 10 small builds against 3 large ones it was one of 3 large samples
+    (so the large median was the slower warm build) but one of 10 small ones.
     """
     big = ss[-1]
     small = next((s for s in ss if s["symbols"] * 10 == big["symbols"]), ss[0])
@@ -648,9 +650,7 @@ def linearity_row(rep: Report, args, work: str, ss: list[dict]) -> dict:
         got = {}
         for n in order:
             kp, mp = tables[n]
-            reps = 2 * args.repeat if n == small["symbols"] else \
-                min(args.repeat, LINEARITY_BIG_BUILDS)
-            got[n] = child_build(kp, mp, reps, "-")["build_s"]
+            got[n] = child_build(kp, mp, args.repeat, "-")["build_s"]
         rounds.append({"small_build_s": fig(got[small["symbols"]]),
                        "big_build_s": fig(got[big["symbols"]]),
                        "ratio": med(got[big["symbols"]]) / med(got[small["symbols"]])})

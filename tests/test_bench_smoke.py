@@ -114,6 +114,9 @@ def test_bench_scaling_section(bench_json):
     assert len(lin["rounds"]) == 5
     for r in lin["rounds"]:
         assert r["ratio"] == r["big_build_s"]["median"] / r["small_build_s"]["median"]
+        # as many builds of each size: a process's first (slower) build weighs the same
+        assert len(r["big_build_s"]["runs"]) == len(r["small_build_s"]["runs"]) \
+            == bench_json["meta"]["repeat"]
     assert lin["time_ratio"] == sorted(r["ratio"] for r in lin["rounds"])[2]
 
 
