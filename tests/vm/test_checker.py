@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -207,9 +209,6 @@ def test_guest_python_is_this_environment_not_its_base_interpreter() -> None:
     environment (PYTHONPATH = the checkout): that must be this venv, whose packages
     (pyelftools, NumPy) the guest imports; the file a venv's bin/python resolves to is the
     base interpreter, which on a machine whose Python is pyenv's had no pyelftools."""
-    import subprocess
-    import sys
-
     from tests.vm import harness
 
     py = harness.guest_python()

@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import IN_CI, cli_env
+from tests.helpers import IN_CI, run_ksymsfs
 from tests.vm import harness
 
 pytestmark = pytest.mark.vm
@@ -70,8 +69,7 @@ def _lines(path: Path) -> list[str]:
 
 
 def _dump(image: Path) -> list[str]:
-    r = subprocess.run([sys.executable, "-m", "ksymsfs", "dump", str(image)],
-                       capture_output=True, env=cli_env(), timeout=300)
+    r = run_ksymsfs("dump", image, timeout=300)
     assert r.returncode == 0, r.stderr
     return r.stdout.decode("utf-8", "surrogateescape").splitlines()
 
