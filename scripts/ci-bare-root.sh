@@ -11,16 +11,26 @@ CACHE=${KSYMSFS_CI_CACHE:-/var/cache/ksymsfs-ci}
 [ $# -gt 0 ] || set -- bookworm trixie
 ROOT=""
 
-log() { echo "ci-bare-root[${SUITE:-}]: $*"; }
+log() { echo "ci-bare-root[${SUITE:-}]: $*" >&2; }
+
+need_tools() {  # what this script itself runs: mmdebstrap (a fresh CI machine lacks it)
+    command -v mmdebstrap >/dev/null && return 0
+    log "apt-get install mmdebstrap"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        mmdebstrap debian-archive-keyring >/dev/null
+}
 
 root_tarball() {  # cached minbase root of $SUITE
     local tar="$CACHE/$SUITE-minbase.tar"
     mkdir -p "$CACHE"
     if [ -z "$(find "$tar" -mtime -7 2>/dev/null)" ]; then
         log "building $tar"
+        rm -f "$tar.tmp"
+        # stdout is this function's answer: mmdebstrap's chatter goes to stderr
         mmdebstrap --quiet --variant=minbase --include=git,ca-certificates --format=tar \
-            "$SUITE" "$tar.tmp"
-        mv "$tar.tmp" "$tar"
+            "$SUITE" "$tar.tmp" >&2 || return 1
+        mv "$tar.tmp" "$tar" || return 1
     fi
     echo "$tar"
 }
@@ -47,8 +57,10 @@ cleanup() {
 trap cleanup EXIT
 
 make_root() {  # $ROOT: unpacked root, the host's network environment, FUSE-capable mounts
+    local tarball
+    tarball=$(root_tarball)  # its own statement: a failure here stops the script (set -e)
     ROOT=$(mktemp -d "/var/tmp/ksymsfs-bare-$SUITE.XXXXXX")
-    tar -C "$ROOT" -xf "$(root_tarball)"
+    tar -C "$ROOT" -xf "$tarball"
     # environment, not the project: this workplace's CA certificates, pip config and DNS
     cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/" 2>/dev/null || true
     [ -f /etc/pip.conf ] && cp /etc/pip.conf "$ROOT/etc/pip.conf"
@@ -110,6 +122,7 @@ layout_roundtrip() {  # install + uninstall of the real paths leaves them as the
         diff /tmp/before /tmp/after'
 }
 
+need_tools
 for SUITE in "$@"; do
     t0=$SECONDS
     make_root
