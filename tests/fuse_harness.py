@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ksymsfs.mount import mount_state
-from tests.helpers import IN_CI, cli_env
+from tests.helpers import IN_CI, cli_env, default_signals
 
 
 def fuse_available() -> str | None:
@@ -100,7 +100,8 @@ class Mount:
         self.log = path.with_suffix(".log")
         self._logf = open(self.log, "wb")
         self.proc = subprocess.Popen(ksymsfs_cmd("mount", "-f", *args, str(path)),
-                                     stdout=self._logf, stderr=subprocess.STDOUT, env=cli_env())
+                                     stdout=self._logf, stderr=subprocess.STDOUT, env=cli_env(),
+                                     preexec_fn=default_signals)
         deadline = time.monotonic() + timeout
         while mount_state(str(path)) != "mounted":
             if self.proc.poll() is not None:

@@ -91,6 +91,18 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def default_signals() -> None:
+    """preexec_fn for daemons a test signals: SIGHUP/SIGINT/SIGTERM at their defaults.
+
+    A test run started under ``nohup`` (or as a background job of a non-interactive shell,
+    which ignores SIGINT) hands those dispositions down; libfuse installs its exit handler
+    only over SIG_DFL (the nohup convention), so such a daemon would ignore the signal."""
+    import signal
+
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def run_ksymsfs(*args: str | os.PathLike, timeout: float = 120,
                 **kw) -> subprocess.CompletedProcess:
     """``python -m ksymsfs ARGS``; bytes stdout/stderr, never raises on exit status."""
