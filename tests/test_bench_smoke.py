@@ -79,6 +79,14 @@ def test_bench_fuse_sections(bench_fuse_json):
     assert [c["processes"] for c in conc["captured"]] == [1, 4]
     for c in conc["captured"]:
         _positive(c, "wall_s", "wall_ratio")
+    # the rows whose floor (the same work with no daemon) can exceed their target say so
+    checks = {c["name"]: c for c in bench_fuse_json["checks"]}
+    for name in ("live_open_read", "concurrent_wall"):
+        c = checks[name]
+        assert c["floor"] > 1, c  # a kallsyms read plus copies costs more than either alone
+        assert c["floor_above_target"] is (c["floor"] > c["target"])
+    assert checks["live_open_read"]["floor"] == pytest.approx(
+        1 + live["cat_local_copy_s"]["median"] / live["cat_kallsyms_s"]["median"])
 
 
 def test_bench_sections_present(bench_json):
