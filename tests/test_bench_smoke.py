@@ -83,10 +83,14 @@ def test_bench_fuse_sections(bench_fuse_json):
     checks = {c["name"]: c for c in bench_fuse_json["checks"]}
     for name in ("live_open_read", "concurrent_wall"):
         c = checks[name]
-        assert c["floor"] > 1, c  # a kallsyms read plus copies costs more than either alone
+        assert c["floor"] > 0, c
         assert c["floor_above_target"] is (c["floor"] > c["target"])
+    # live: (kallsyms + a copy) / kallsyms; crowd: (one kallsyms read + N local copies) /
+    # one reader of the mount (which can be under 1: N copies at once on several cores)
     assert checks["live_open_read"]["floor"] == pytest.approx(
         1 + live["cat_local_copy_s"]["median"] / live["cat_kallsyms_s"]["median"])
+    assert checks["concurrent_wall"]["floor"] == pytest.approx(
+        conc["levels"][-1]["floor_s"] / conc["levels"][0]["wall_s"]["median"])
 
 
 def test_bench_sections_present(bench_json):
