@@ -787,19 +787,19 @@ def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str,
         if errs:
             rep.row(f"  errors: {'; '.join(errs)[:40]}", None, "")
         lim = TARGETS["concurrent_wall"]
-        # the floor: one kallsyms read, then the copies a local crowd makes (see below)
-        cfloor = (kall_s + lw) / base if kall_s and procs > 1 else None
+        # the ideal: all share one kallsyms read (it must begin after the last of them
+        # arrived) and then copy like the local crowd
+        floor = kall_s + lw if kall_s and procs > 1 else None
         okw = rep.check("concurrent_wall", wall / base, lim, what=f"{procs} at once / 1",
-                        floor=cfloor) if last else None
+                        floor=floor and floor / base) if last else None
         rep.row(f"{procs} readers: wall time", wall * 1e3, "ms", "1 reader", wall / base,
                 f"<= {lim}x" if last else "", okw)
         rep.row(f"  {procs} dd of a local copy (floor)", lw * 1e3, "ms", "1 dd of the copy",
                 lw / local_base)
-        if kall_s and procs > 1:
-            # the ideal: all share one kallsyms read (it must begin after the last of them
-            # arrived) and then copy like the local crowd; the serial design's floor had
-            # two reads back to back (openers who come while a read runs need another)
-            floor, serial = kall_s + lw, 2 * kall_s + lw
+        if floor:
+            # the serial design's floor had two reads back to back (openers who come while
+            # a read runs need another)
+            serial = floor + kall_s
             e.update(floor_s=floor, wall_vs_floor=wall / floor, serial_floor_s=serial,
                      wall_vs_serial_floor=wall / serial)
             rep.row(f"  {procs} readers vs their floor (one kallsyms read + {procs} dd of "

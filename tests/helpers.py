@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -97,8 +98,6 @@ def default_signals() -> None:
     A test run started under ``nohup`` (or as a background job of a non-interactive shell,
     which ignores SIGINT) hands those dispositions down; libfuse installs its exit handler
     only over SIG_DFL (the nohup convention), so such a daemon would ignore the signal."""
-    import signal
-
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
 
