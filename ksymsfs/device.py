@@ -92,6 +92,7 @@ class Handle:
     direct_io: bool = True  # reads bypass the page cache (FOPEN_DIRECT_IO)
     keep_cache: bool = False  # the open keeps the inode's cached pages (FOPEN_KEEP_CACHE)
     epoch: int = 0          # the cache epoch it reads through (when not direct)
+    backing: object = None  # passthrough: the image whose backing file the kernel reads
 
 
 class Coalescer:
@@ -259,6 +260,9 @@ class Device:
         self.mtime = time.time()
         self.on_idle = None  # called when the last open snapshot is released
         self._idle_since: float | None = time.monotonic()  # nothing open since then
+        self.on_served: Callable[[int], None] | None = None  # the served size grew
+        self.passthrough = False  # the adapter sets it once the kernel agreed (see
+        #                           _choose_cache): then no open uses the page cache
 
     # -- snapshots -------------------------------------------------------------------
     def _read_sources(self, progress: ReadProgress | None = None) -> Snapshot:
@@ -320,8 +324,17 @@ class Device:
                         self._images[show] = img
                         self.latest_size = len(img)
                         self._latest_stored = _stored(img)
-                        self._served = max(self._served, served_round(len(img)))
+                        self._grow_served(len(img))
         return img
+
+    def _grow_served(self, size: int) -> None:
+        """Under the lock: the served size covers ``size`` bytes (it never shrinks while
+        anything is open); ``on_served`` hears of every growth before any stat can."""
+        served = max(self._served, served_round(size))
+        if served != self._served:
+            self._served = served
+            if self.on_served is not None:
+                self.on_served(served)
 
     def prime(self) -> Snapshot:
         """Build a first snapshot (mount time): fails early on bad sources, sizes stat."""
@@ -375,13 +388,15 @@ class Device:
             try:
                 image = self.snapshot(show)
                 resume = self._resume_digest(image)
+                with self._cond:
+                    if self.passthrough:
+                        self._await_backing(image)
+                    self._handles[fh].image = image
+                    self._grow_served(len(image))
+                    self._choose_cache(fh, resume)
             except BaseException:
                 self.release(fh)
                 raise
-            with self._lock:
-                self._handles[fh].image = image
-                self._served = max(self._served, served_round(len(image)))
-                self._choose_cache(fh, resume)
             return fh
         finally:
             with self._lock:
@@ -456,6 +471,9 @@ class Device:
         ``digest``: the image's, when an idle spell dropped the cache image (see
         ``_resume_digest``)."""
         h = self._handles[fh]
+        if self.passthrough:
+            self._choose_backing(h)
+            return
         if any(o.image and o.image is not h.image for o in self._handles.values()):
             h.direct_io, h.keep_cache = True, False  # another snapshot is held
             return
@@ -468,6 +486,43 @@ class Device:
             else:  # a new epoch: this open drops old pages
                 self._new_epoch(h.image)
         h.direct_io, h.keep_cache, h.epoch = False, self._confirmed, self._epoch
+
+    def _await_backing(self, image: object) -> None:
+        """Under the lock, passthrough: the kernel lets an inode read one backing file at
+        a time, and every open while it does must name that same file (fs/fuse/iomode.c);
+        a mapping always maps it, direct I/O or not. So an open whose snapshot differs
+        from one still held waits up to ``open_wait`` for its holders to go, then EBUSY.
+        (We hear of a RELEASE only after the kernel let its file go: when none of ours
+        holds one, neither does the kernel.)"""
+        deadline = time.monotonic() + self.open_wait
+        while any(h.backing is not None and h.backing is not image
+                  for h in self._handles.values()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeviceError(errno.EBUSY, "another snapshot is open (with passthrough "
+                                  "one is served at a time)")
+            self._cond.wait(left)
+
+    def _choose_backing(self, h: Handle) -> None:
+        """Under the lock, passthrough: the open names its own image's backing file (no
+        other is held: _await_backing); reads never reach us, nor the page cache."""
+        h.backing, h.direct_io, h.keep_cache = h.image, False, False
+
+    def backing_of(self, fh: int) -> object:
+        """Passthrough: the image whose backing file this open names (None otherwise)."""
+        h = self._handles.get(fh)
+        if h is None:
+            raise DeviceError(errno.EBADF)
+        return h.backing
+
+    def live_images(self) -> set[int]:
+        """ids of the images an open may still be given or name as backing: the newest
+        state's, and every handle's."""
+        with self._lock:
+            imgs = list(self._images.values())
+            for h in self._handles.values():
+                imgs += [h.image, h.backing]
+        return {id(i) for i in imgs if i is not None}
 
     def _resume_digest(self, image: bytes) -> bytes | None:
         """The image's digest if its bytes might be what the page cache kept over an idle

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import mmap
+import os
 import signal
 import stat
+import struct
 import threading
 import time
+from collections.abc import Callable
 
 import fuse as fuse_module
 from fuse import FUSE, FuseOSError, Operations, fuse_file_info, fuse_get_context
 
+from .backing import BackingFile
 from .device import Device, redact
 from .errors import KsymsError
 from .malloc import tune_malloc
@@ -36,10 +41,12 @@ class KsymsOperations(Operations):
 
     use_ns = True
 
-    def __init__(self, device: Device, uid: int, gid: int, notifier: Notifier | None = None):
+    def __init__(self, device: Device, uid: int, gid: int, notifier: Notifier | None = None,
+                 passthrough: Passthrough | None = None):
         self.device = device
         self.uid, self.gid = uid, gid
         self.notifier = notifier or Notifier()
+        self.passthrough = passthrough or Passthrough(device, False)
 
     def __call__(self, op: str, *args: object) -> object:
         try:
@@ -66,6 +73,11 @@ class KsymsOperations(Operations):
         # direct I/O (every read reaches us with this open's handle) unless every open
         # holds this same image: then the page cache (see device's module doc)
         fi.direct_io, fi.keep_cache = self.device.cache_mode(fi.fh)
+        try:  # passthrough: the reply names the backing file (Passthrough._send)
+            self.passthrough.prepare(fi.fh)
+        except BaseException:
+            self.device.release(fi.fh)
+            raise
         # the kernel trusts attributes for the rest of the jiffy they came in (even with
         # attr_timeout=0): an fstat right after this open could get a size answered before
         # it (a stat by someone else, before an idle shrink), map more than we serve, and
@@ -86,7 +98,9 @@ class KsymsOperations(Operations):
         return 0
 
     def release(self, path: str, fi: fuse_file_info) -> int:
+        self.passthrough.forget(fi.fh)
         self.device.release(fi.fh)
+        self.passthrough.prune()
         return 0
 
     def ioctl(self, path: str, cmd: int, arg: object, fi: fuse_file_info, flags: int,
@@ -120,9 +134,10 @@ TRIM_EVERY = 5.0  # s: trimming costs a few ms each time
 IDLE_FORGET = 5.0  # s with nothing open before the kept snapshot and images are dropped
 
 
-def _tame_malloc(device: Device) -> None:
+def _tame_malloc(device: Device, on_forget: Callable[[], None] = lambda: None) -> None:
     """The daemon's malloc settings (malloc.tune_malloc), and give freed memory back when
-    idle: at once, or TRIM_EVERY s after the last trim."""
+    idle: at once, or TRIM_EVERY s after the last trim. ``on_forget``: called once an idle
+    spell dropped the device's images."""
     libc = tune_malloc()
     if libc is None:
         return
@@ -147,6 +162,7 @@ def _tame_malloc(device: Device) -> None:
             if left is not None:  # opened and closed again meanwhile: wait the rest
                 forget(left)
                 return
+        on_forget()
         if not device.open_count():
             trim_now()
 
@@ -204,6 +220,182 @@ class Notifier:
         threading.Thread(target=self.inval, args=(0,), daemon=True).start()
 
 
+# the FUSE protocol as include/uapi/linux/fuse.h has it (libfuse 2.9's copy predates these)
+FUSE_OPEN, FUSE_INIT = 14, 26                  # opcodes
+FUSE_INIT_EXT = 1 << 30                        # fuse_init_in/out.flags: flags2 is valid
+FUSE_PASSTHROUGH = 1 << (37 - 32)              # in flags2
+FOPEN_DIRECT_IO, FOPEN_PASSTHROUGH = 1 << 0, 1 << 7
+FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501         # _IOW(229, 1, struct fuse_backing_map)
+FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502        # _IOW(229, 2, uint32_t)
+IN_HEADER = 40                                 # sizeof(struct fuse_in_header)
+INIT_OUT = 64                                  # sizeof(struct fuse_init_out), 7.36+
+CAP_SYS_ADMIN = 21
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_SEND = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(_Iovec),
+                         ctypes.c_size_t)
+
+
+class _ChanOps(ctypes.Structure):
+    """libfuse 2.9 ``struct fuse_chan_ops`` (receive and destroy unused here)."""
+
+    _fields_ = [("receive", ctypes.c_void_p), ("send", _SEND), ("destroy", ctypes.c_void_p)]
+
+
+def may_passthrough() -> bool:
+    """Whether the kernel will register our backing files: CAP_SYS_ADMIN (fs/fuse/
+    backing.c asks for it in the initial user namespace, where a root daemon runs)."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(line for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caps.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+
+
+class Passthrough:
+    """FUSE passthrough with libfuse 2.9, which predates it: the replies to INIT and OPEN
+    go out through a channel of ours (``fuse_chan_new``) whose ``send`` asks for
+    passthrough in the INIT reply (when the kernel offers it) and names each open's
+    backing file (a memfd of its image, registered with FUSE_DEV_IOC_BACKING_OPEN) in its
+    OPEN reply. Every other reply goes through libfuse's own channel untouched."""
+
+    def __init__(self, device: Device, wanted: bool):
+        self.device, self.wanted, self.active = device, wanted, False
+        self._lock = threading.Lock()
+        self._files: dict[int, tuple[BackingFile, int]] = {}  # id(image) -> (file, id)
+        self._pending: dict[int, tuple[int, bool]] = {}  # fh -> (backing id, direct I/O)
+        self._tls = threading.local()
+        self._fd, self._ch, self._offered = -1, None, False
+        self._ops = _ChanOps(None, _SEND(self._send), None)  # kept alive with us
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.writev.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_int]
+        self._libc.writev.restype = ctypes.c_ssize_t
+
+    def attach(self, lib: ctypes.CDLL, ch: int) -> None:
+        """Make our channel on libfuse's /dev/fuse descriptor (``ch``: its channel)."""
+        if not self.wanted:
+            return
+        lib.fuse_chan_fd.argtypes = [ctypes.c_void_p]
+        lib.fuse_chan_new.restype = ctypes.c_void_p
+        lib.fuse_chan_new.argtypes = [ctypes.POINTER(_ChanOps), ctypes.c_int,
+                                      ctypes.c_size_t, ctypes.c_void_p]
+        self._fd = lib.fuse_chan_fd(ch)
+        self._ch = lib.fuse_chan_new(ctypes.byref(self._ops), self._fd,
+                                     lib.fuse_chan_bufsize(ch), None)
+
+    def channel_for(self, addr: int, ch: int) -> int:
+        """The channel to process the request at ``addr`` with: ours for INIT and OPEN."""
+        opcode = ctypes.c_uint32.from_address(addr + 4).value
+        if self._ch is None or opcode not in (FUSE_INIT, FUSE_OPEN):
+            return ch
+        if opcode == FUSE_INIT:
+            length = ctypes.c_uint32.from_address(addr).value
+            flags, flags2 = struct.unpack_from("=II", ctypes.string_at(
+                addr + IN_HEADER + 12, 8)) if length >= IN_HEADER + 20 else (0, 0)
+            self._offered = bool(flags & FUSE_INIT_EXT and flags2 & FUSE_PASSTHROUGH)
+            if not self._offered:
+                log.info("FUSE passthrough: not offered by this kernel (6.9+ with "
+                         "CONFIG_FUSE_PASSTHROUGH); reads go through the page cache")
+        self._tls.opcode = opcode
+        return self._ch
+
+    def _send(self, ch: int, iov: object, count: int) -> int:
+        try:
+            op, self._tls.opcode = getattr(self._tls, "opcode", 0), 0
+            if count >= 2 and ctypes.c_int32.from_address(iov[0].base + 4).value == 0:
+                if op == FUSE_INIT and self._offered:
+                    return self._send_init(iov)
+                if op == FUSE_OPEN:
+                    self._name_backing(iov[1].base)
+            if self._libc.writev(self._fd, iov, count) < 0:
+                return -ctypes.get_errno()
+            return 0
+        except Exception:  # noqa: BLE001  (a C callback must not raise)
+            log.exception("sending a FUSE reply failed")
+            return -errno.EIO
+
+    def _send_init(self, iov: object) -> int:
+        """libfuse's INIT reply (its 7.19 size), grown to 7.36's and asking passthrough."""
+        out = bytearray(INIT_OUT)
+        given = ctypes.string_at(iov[1].base, min(iov[1].len, INIT_OUT))
+        out[:len(given)] = given
+        flags = struct.unpack_from("=I", out, 12)[0] | FUSE_INIT_EXT
+        struct.pack_into("=I", out, 12, flags)
+        struct.pack_into("=II", out, 32, FUSE_PASSTHROUGH, 1)  # flags2, max_stack_depth
+        unique = ctypes.c_uint64.from_address(iov[0].base + 8).value
+        try:
+            os.writev(self._fd, [struct.pack("=IiQ", 16 + INIT_OUT, 0, unique), out])
+        except OSError as e:
+            return -e.errno
+        self.device.on_served = self.grow
+        self.active = self.device.passthrough = True
+        log.info("FUSE passthrough on: the kernel reads snapshots from memory files")
+        return 0
+
+    def _name_backing(self, open_out: int) -> None:
+        fh = ctypes.c_uint64.from_address(open_out).value
+        with self._lock:
+            named = self._pending.pop(fh, None)
+        if named is not None:
+            backing_id, direct = named
+            flags = FOPEN_PASSTHROUGH | (FOPEN_DIRECT_IO if direct else 0)
+            ctypes.c_uint32.from_address(open_out + 8).value = flags
+            ctypes.c_int32.from_address(open_out + 12).value = backing_id
+
+    def prepare(self, fh: int) -> None:
+        """Before the OPEN reply: register (or reuse) the backing file of the open's
+        backing image, sized to the served size, for ``_send`` to name."""
+        image = self.device.backing_of(fh)
+        if not self.active or image is None:
+            return
+        direct = self.device.cache_mode(fh)[0]
+        with self._lock:
+            entry = self._files.get(id(image))
+            if entry is None:
+                f = BackingFile(image, self.device.served_size)
+                try:
+                    arg = bytearray(struct.pack("=iIQ", f.fd, 0, 0))
+                    entry = (f, fcntl.ioctl(self._fd, FUSE_DEV_IOC_BACKING_OPEN, arg))
+                except BaseException:
+                    f.close()
+                    raise
+                self._files[id(image)] = entry
+            entry[0].fit(self.device.served_size)
+            self._pending[fh] = (entry[1], direct)
+
+    def grow(self, size: int) -> None:
+        """The served size grew (device.on_served, under its lock): so do the files, or a
+        mapping as long as the new fstat size dies of SIGBUS past their end."""
+        with self._lock:
+            for f, _ in self._files.values():
+                f.fit(max(f.size, size))
+
+    def forget(self, fh: int) -> None:
+        with self._lock:
+            self._pending.pop(fh, None)
+
+    def prune(self) -> None:
+        """Let go of the backing files of images no open can be given any more (files the
+        kernel still reads stay alive in it: it holds its own reference)."""
+        if not self.active:
+            return
+        live = self.device.live_images()
+        with self._lock:
+            gone = [self._files.pop(k) for k in [k for k in self._files if k not in live]]
+        for f, backing_id in gone:
+            try:
+                fcntl.ioctl(self._fd, FUSE_DEV_IOC_BACKING_CLOSE,
+                            bytearray(struct.pack("=I", backing_id)))
+            except OSError as e:
+                log.debug("closing backing file %d: errno %d", backing_id, e.errno)
+            f.close()
+
+
 class _ZeroCopyFUSE(FUSE):
     """fusepy's read copies twice (slice, then memmove); copy once, GIL released."""
 
@@ -223,6 +415,9 @@ class _ZeroCopyFUSE(FUSE):
         return n
 
 
+FUSE_BUF_IS_FD = 1 << 1  # libfuse 2.9 enum fuse_buf_flags
+
+
 class _FuseBuf(ctypes.Structure):
     """libfuse 2.9 ``struct fuse_buf``."""
 
@@ -238,8 +433,10 @@ class _PooledLibfuse:
     (what fuse_session_loop does), so the daemon never runs more.
     """
 
-    def __init__(self, lib: ctypes.CDLL, threads: int, notifier: Notifier | None = None):
+    def __init__(self, lib: ctypes.CDLL, threads: int, notifier: Notifier | None = None,
+                 passthrough: Passthrough | None = None):
         self._lib, self.threads, self.notifier = lib, threads, notifier
+        self.passthrough = passthrough
         lib.fuse_setup.restype = ctypes.c_void_p
         lib.fuse_setup.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_size_t, ctypes.POINTER(ctypes.c_char_p),
@@ -270,6 +467,8 @@ class _PooledLibfuse:
         ch = lib.fuse_session_next_chan(se, None)
         if self.notifier is not None:
             self.notifier.attach(lib, ch)
+        if self.passthrough is not None:
+            self.passthrough.attach(lib, ch)
         signal.signal(signal.SIGUSR1, lambda *_: None)  # only to interrupt a worker's read
         workers = [threading.Thread(target=self._work, args=(se, ch), daemon=True,
                                     name=f"fuse-{i}") for i in range(self.threads)]
@@ -307,22 +506,30 @@ class _PooledLibfuse:
             if res <= 0:
                 lib.fuse_session_exit(se)
                 return
+            if self.passthrough is not None and not fbuf.flags & FUSE_BUF_IS_FD:
+                tmpch = ctypes.c_void_p(self.passthrough.channel_for(addr, tmpch.value))
             lib.fuse_session_process_buf(se, ctypes.byref(fbuf), tmpch)
 
 
 def serve(device: Device, mountpoint: str, *, allow_other: bool = False, debug: bool = False,
-          uid: int = 0, gid: int = 0) -> None:
+          uid: int = 0, gid: int = 0, passthrough: bool = False) -> None:
     """Run the FUSE loop in the foreground until unmounted or SIGINT/SIGTERM (libfuse then
-    unmounts); mount.py daemonizes before calling this."""
-    _tame_malloc(device)
+    unmounts); mount.py daemonizes before calling this. ``passthrough``: use FUSE
+    passthrough where the kernel offers it and we may (see Passthrough)."""
+    through = Passthrough(device, passthrough and may_passthrough())
+    if passthrough and not through.wanted:
+        log.info("FUSE passthrough: needs CAP_SYS_ADMIN (root); reads go through the "
+                 "page cache")
+    _tame_malloc(device, through.prune)
     opts = {"allow_other": True} if allow_other else {}
     # a fixed pool: every open beyond --max-pending fails at once, so a few more threads
     # than that always remain for reads, flushes and releases
     lib = fuse_module._libfuse
     notifier = Notifier()
-    fuse_module._libfuse = _PooledLibfuse(lib, device.max_pending + 4, notifier)
+    fuse_module._libfuse = _PooledLibfuse(lib, device.max_pending + 4, notifier, through)
     try:
-        _ZeroCopyFUSE(KsymsOperations(device, uid, gid, notifier), mountpoint, raw_fi=True,
+        _ZeroCopyFUSE(KsymsOperations(device, uid, gid, notifier, through), mountpoint,
+                      raw_fi=True,
                       foreground=True, debug=debug, nothreads=False, ro=True,
                       default_permissions=True, fsname="ksymsfs", subtype="ksymsfs",
                       attr_timeout=0, entry_timeout=0, negative_timeout=0, **opts)

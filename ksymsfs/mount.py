@@ -51,7 +51,7 @@ def apply_options(a: argparse.Namespace, opts: str | None) -> None:
             if val not in REOPEN_MODES:
                 raise ConfigError(f"mount option reopen= takes {' or '.join(REOPEN_MODES)}")
             a.reopen = val
-        elif key in ("allow_other", "debug", "foreground") and not val:
+        elif key in ("allow_other", "debug", "foreground", "passthrough") and not val:
             setattr(a, key, True)
         else:
             raise ConfigError(f"unknown mount option {opt!r}")
@@ -202,7 +202,8 @@ class _Daemon:
         watcher.start()
         try:
             serve(self.dev, self.path, allow_other=self.a.allow_other, debug=self.a.debug,
-                  uid=os.getuid(), gid=os.getgid())
+                  uid=os.getuid(), gid=os.getgid(),
+                  passthrough=getattr(self.a, "passthrough", False))
         except RuntimeError as e:  # fusepy: fuse_main failed; libfuse said why on stderr
             raise KsymsError(f"{self.path}: FUSE mount failed (libfuse status {e}; its "
                              "reason is the 'fuse:' line above)") from None

@@ -48,11 +48,16 @@ def captured(tmp_path):
     m.stop()
 
 
-@pytest.fixture(scope="module")
-def live_mount(tmp_path_factory):
+@pytest.fixture(scope="module", params=["page-cache", "passthrough"])
+def live_mount(request, tmp_path_factory):
+    """The live kernel's mount, read through the FUSE page cache or (--passthrough) by
+    the kernel from the daemon's memory file."""
     require_fuse()
     d = tmp_path_factory.mktemp("live")
-    m = Mount(d / "ksyms")
+    through = request.param == "passthrough"
+    m = Mount(d / "ksyms", *(["--passthrough"] if through else []))
+    read_all(m.path)  # INIT is answered by now
+    assert ("FUSE passthrough on" in m.output()) == through, m.output()
     yield m
     m.stop()
 

@@ -1,0 +1,177 @@
+"""--passthrough: the kernel reads each snapshot from a memory file; one snapshot at a time."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import mmap
+import os
+import signal
+import struct
+import time
+
+import pytest
+
+from ksymsfs import KIOCGSIZE, parse_image
+from ksymsfs.mount import apply_options
+from tests.fuse_harness import Mount, read_all, require_fuse, write_sources
+
+
+@pytest.fixture
+def captured(tmp_path):
+    require_fuse()
+    src = tmp_path / "src"
+    ks, mods = write_sources(src, ["alpha", "beta"])
+    m = Mount(tmp_path / "ksyms", "--passthrough", "--kallsyms", str(ks), "--modules",
+              str(mods))
+    yield m, src
+    m.stop()
+
+
+def views(fd: int) -> tuple[bytes, bytes, int, int]:
+    """(bytes read, bytes mapped, fstat size, KIOCGSIZE) of one descriptor."""
+    data = os.pread(fd, 1 << 28, 0)
+    size = os.fstat(fd).st_size
+    with mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ) as mm:
+        mapped = mm[:]
+    buf = bytearray(8)
+    fcntl.ioctl(fd, KIOCGSIZE, buf)
+    return data, mapped, size, struct.unpack("=Q", buf)[0]
+
+
+def open_errno_in_child(path) -> int:
+    """errno of an open by another process (0: it opened and read an ELF header)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with open(path, "rb") as f:
+                code = 0 if f.read(4) == b"\x7fELF" else 255
+        except OSError as e:
+            code = e.errno
+        os.write(w, bytes([code]))
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        code = f.read()
+    os.waitpid(pid, 0)
+    return code[0]
+
+
+def test_mount_option_passthrough_is_parsed():
+    a = argparse.Namespace(passthrough=False)
+    apply_options(a, "ro,passthrough")
+    assert a.passthrough is True
+
+
+@pytest.mark.fuse
+def test_reads_and_mappings_come_from_the_kernel_not_the_daemon(captured):
+    """With passthrough on, an open descriptor reads and maps its snapshot even after the
+    daemon is gone (the kernel holds the memory file); read, mmap, fstat and KIOCGSIZE
+    agree, and the bytes are the snapshot of the sources."""
+    m, _src = captured
+    assert "FUSE passthrough on" in m.output()
+    fd = os.open(m.path, os.O_RDONLY)
+    try:
+        data, mapped, size, ioc = views(fd)
+        assert data == mapped and len(data) == size == ioc
+        assert set(parse_image(data).modules) == {"", "alpha", "beta"}
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait(20)
+        # no daemon: only the kernel can answer (an fstat, which asks us, now fails)
+        assert os.pread(fd, 1 << 28, 0) == data
+        with mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ) as mm:
+            assert mm[:] == data
+        with pytest.raises(OSError) as e:
+            os.fstat(fd)
+        assert e.value.errno == errno.ENOTCONN
+    finally:
+        with contextlib.suppress(OSError):  # its FLUSH fails the same way
+            os.close(fd)
+
+
+@pytest.mark.fuse
+def test_without_passthrough_reads_need_the_daemon(tmp_path):
+    """The control for the test above: the page-cache mount's descriptor fails once the
+    daemon is killed (so that test's reads did not come from a cache of ours)."""
+    require_fuse()
+    ks, mods = write_sources(tmp_path / "src", ["alpha"])
+    m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
+    fd = os.open(m.path, os.O_RDONLY)
+    try:
+        assert "passthrough" not in m.output()
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait(20)
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 1 << 20, 0)
+        assert e.value.errno in (errno.ENOTCONN, errno.EIO)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        m.stop()
+
+
+@pytest.mark.fuse
+def test_a_different_snapshot_waits_for_the_open_one_then_ebusy(captured):
+    """The kernel gives an inode one backing file at a time and maps it for every open:
+    while one snapshot is open, an open of the same snapshot shares it, an open that
+    would get another is refused (never served the open one's bytes), and once the old
+    one is closed the new one is read and mapped exactly."""
+    m, src = captured
+    fd = os.open(m.path, os.O_RDONLY)
+    try:
+        old = views(fd)
+        assert open_errno_in_child(m.path) == 0  # unchanged sources: the same snapshot
+        write_sources(src, ["alpha", "beta", "gamma"])
+        t = time.monotonic()
+        assert open_errno_in_child(m.path) == errno.EBUSY
+        assert time.monotonic() - t >= 0.9  # it waited (OPEN_WAIT) for a release first
+        # the open one is untouched: its snapshot, then zeros up to the served size
+        # (which the refused one's larger snapshot grew; the memory file grew with it)
+        data, mapped, size, ioc = views(fd)
+        assert data == mapped and len(data) == size == ioc > len(old[0])
+        assert data[:len(old[0])] == old[0] and not data[len(old[0]):].strip(b"\0")
+    finally:
+        os.close(fd)
+    time.sleep(0.3)  # the RELEASE is asynchronous
+    fd = os.open(m.path, os.O_RDONLY)
+    try:
+        data, mapped, size, ioc = views(fd)
+        assert data == mapped and len(data) == size == ioc
+        assert "gamma" in parse_image(data).modules
+    finally:
+        os.close(fd)
+    assert "another snapshot is open" in m.output()
+
+
+@pytest.mark.fuse
+def test_memory_file_follows_the_served_size_down(tmp_path):
+    """A smaller snapshot after a larger one: once nothing holds the larger one, the
+    memory file is cut to the new served size, so a reader sees exactly what stat says
+    (a longer file would give zeros past st_size, a shorter one a short mapping)."""
+    require_fuse()
+    src = tmp_path / "src"
+    ks, mods = write_sources(src, [f"m{i}" for i in range(150)])
+    m = Mount(tmp_path / "ksyms", "--passthrough", "--kallsyms", str(ks), "--modules",
+              str(mods))
+    try:
+        big = read_all(m.path)
+        write_sources(src, ["alpha"])
+        # the open that builds the smaller snapshot still gets the served size of the
+        # larger (it never shrinks before a release); the next one is sized to its own
+        assert read_all(m.path)[len(big) // 2:] == bytes(len(big) - len(big) // 2)
+        time.sleep(0.3)
+        fd = os.open(m.path, os.O_RDONLY)
+        try:
+            data, mapped, size, ioc = views(fd)
+        finally:
+            os.close(fd)
+        assert len(data) == size == ioc == len(mapped) < len(big)
+        assert set(parse_image(data).modules) == {"", "alpha"}
+        write_sources(src, [f"m{i}" for i in range(150)])  # and back up
+        time.sleep(0.3)
+        assert read_all(m.path) == big
+    finally:
+        m.stop()
