@@ -26,7 +26,10 @@ Sections (medians of --repeat runs; a PASS/FAIL column where the project has a t
      image, each a fresh process, vs a bare ``python3 -c pass`` (same interpreter);
   g) ``symbolize`` throughput: a generated log of call-trace lines with 1M addresses
      (quick: 20k) of the lookup image, drawn from 20k call sites (a log repeats its
-     stacks) and all distinct: addresses rewritten per second.
+     stacks) and all distinct: addresses rewritten per second;
+  a+), b+), d+) the FUSE rows of a, b and d again on mounts made with ``--passthrough``
+     (the kernel reads each snapshot from the daemon's memory file), against the same
+     targets (check names end in ``_passthrough``).
 
 Sections a (FUSE part), b and d print "SKIPPED: reason" when the mount cannot be made
 (or with --no-fuse). Nothing here asserts timings: the PASS/FAIL column is information.
@@ -282,9 +285,10 @@ class Mount:
     """``python -m ksymsfs mount -f`` as a child; ready once mounted with a non-zero size."""
 
     def __init__(self, mountpoint: str, kallsyms: str | None = None,
-                 modules: str | None = None) -> None:
+                 modules: str | None = None, passthrough: bool = False) -> None:
         self.mountpoint = mountpoint
         self.kallsyms, self.modules = kallsyms, modules
+        self.passthrough = passthrough
         self.proc: subprocess.Popen | None = None
         self.log = mountpoint + ".log"
         self.error = ""
@@ -293,6 +297,13 @@ class Mount:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
 
     def _log_tail(self) -> str:
         try:
@@ -304,6 +315,8 @@ class Mount:
 
     def start(self) -> bool:
         cmd = [sys.executable, "-m", "ksymsfs", "mount", "-f"]
+        if self.passthrough:
+            cmd.append("--passthrough")
         if self.kallsyms:
             cmd += ["--kallsyms", self.kallsyms]
             if self.modules:
@@ -1144,7 +1157,7 @@ def plot(path: str, scaling: dict) -> str | None:
     return None
 
 
-def start_captured(work: str) -> Mount | None:
+def start_captured(work: str, passthrough: bool = False) -> Mount | None:
     """A second mount serving a copy of /proc/kallsyms taken now (None if it fails)."""
     kp = os.path.join(work, "kallsyms.captured")
     with open("/proc/kallsyms", "rb") as src, open(kp, "wb") as dst:
@@ -1153,11 +1166,57 @@ def start_captured(work: str) -> Mount | None:
     if os.path.exists("/proc/modules"):
         mods = os.path.join(work, "modules.captured")
         shutil.copyfile("/proc/modules", mods)
-    m = Mount(os.path.join(work, "ksyms-captured"), kp, mods)
+    m = Mount(os.path.join(work, "ksyms-captured" + "-pt" * passthrough), kp, mods,
+              passthrough)
     if m.start():
         return m
     print(f"captured-kallsyms mount not made: {m.error}", file=sys.stderr)
     return None
+
+
+class Variant:
+    """The report, for the same sections run again on other mounts: each section title
+    and check name says which (``a+) --passthrough: ...``, ``live_open_read_passthrough``)."""
+
+    def __init__(self, rep: Report, tag: str) -> None:
+        self.rep, self.tag = rep, tag
+
+    def section(self, title: str) -> None:
+        letter, _, rest = title.partition(") ")
+        self.rep.section(f"{letter}+) --{self.tag}: {rest}")
+
+    def check(self, name: str, *a, **k) -> bool | None:
+        return self.rep.check(f"{name}_{self.tag}", *a, **k)
+
+    def __getattr__(self, name: str):
+        return getattr(self.rep, name)
+
+
+def sec_passthrough(rep: Report, args, work: str) -> dict:
+    """Sections a (its FUSE rows), b and d again, on mounts made with --passthrough (the
+    kernel reads each snapshot from the daemon's memory file), against the same targets."""
+    view = Variant(rep, "passthrough")
+    mount = Mount(os.path.join(work, "ksyms-pt"), passthrough=True)
+    if not mount.start():
+        view.section("a) live kernel")
+        view.skip(f"cannot mount with --passthrough: {mount.error}")
+        return {"skipped": mount.error}
+    static = start_captured(work, passthrough=True)
+    try:
+        read_all(mount.mountpoint)  # INIT is answered by now
+        res: dict = {"skipped": None, "active": "FUSE passthrough on" in mount.log_text()}
+        if not res["active"]:
+            view.section("a) live kernel")
+            view.row("note: the kernel or the daemon did not take up passthrough", None, "")
+        res["live"] = sec_live(view, args, mount, "", work)
+        res["tools"] = sec_tools(view, args, mount, "", work, static)
+        kall_s = res["live"].get("fuse", {}).get("cat_kallsyms_s", {}).get("median")
+        res["concurrency"] = sec_concurrency(view, args, mount, "", work, static, kall_s)
+    finally:
+        for m in (mount, static):
+            if m is not None:
+                m.stop()
+    return res
 
 
 def parse_args(argv=None):
@@ -1225,10 +1284,13 @@ def main(argv=None) -> int:
         kall_s = data["live"].get("fuse", {}).get("cat_kallsyms_s", {}).get("median")
         data["concurrency"] = sec_concurrency(rep, args, mount, mount_err, work, static,
                                               kall_s)
+        fuse_ok = mount is not None
         for m in (mount, static):
             if m is not None:
                 m.stop()
         mount = static = None
+        if fuse_ok:
+            data["passthrough"] = sec_passthrough(rep, args, work)
         data["scaling"] = sec_scaling(rep, args, work)
         data["lookup"] = sec_lookup(rep, args, data["scaling"])
         data["startup"] = sec_startup(rep, args, work)

@@ -93,6 +93,21 @@ def test_bench_fuse_sections(bench_fuse_json):
         conc["levels"][-1]["floor_s"] / conc["levels"][0]["wall_s"]["median"])
 
 
+def test_bench_passthrough_sections(bench_fuse_json):
+    """The FUSE rows again on --passthrough mounts that really use it, checked against
+    the same targets under their own names."""
+    pt = bench_fuse_json["passthrough"]
+    assert pt["skipped"] is None and pt["active"] is True
+    _positive(pt["live"]["fuse"], "cat_mount_s", "ratio_cat", "ratio_floor")
+    assert pt["tools"]["nm"]["same_output"] is True
+    assert all(lv["all_ok"] for lv in pt["concurrency"]["levels"])
+    assert pt["concurrency"]["captured"][-1]["vs_local"] > 0
+    names = {c["name"] for c in bench_fuse_json["checks"]}
+    for name in ("live_open_read", "nm_mount_vs_local", "concurrent_wall",
+                 "crowd_vs_local"):
+        assert name in names and f"{name}_passthrough" in names
+
+
 def test_bench_sections_present(bench_json):
     for key in ("meta", "live", "tools", "scaling", "concurrency", "lookup", "checks"):
         assert key in bench_json
