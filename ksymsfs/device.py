@@ -508,6 +508,15 @@ class Device:
         other is held: _await_backing); reads never reach us, nor the page cache."""
         h.backing, h.direct_io, h.keep_cache = h.image, False, False
 
+    def stop_passthrough(self, fh: int) -> None:
+        """The kernel would not take a backing file: no open names one from now on, and
+        ``fh`` (decided for passthrough, none named) is direct I/O, which is always exact."""
+        with self._lock:
+            self.passthrough = False
+            h = self._handles.get(fh)
+            if h is not None:
+                h.backing, h.direct_io, h.keep_cache = None, True, False
+
     def backing_of(self, fh: int) -> object:
         """Passthrough: the image whose backing file this open names (None otherwise)."""
         h = self._handles.get(fh)

@@ -72,12 +72,12 @@ class KsymsOperations(Operations):
         fi.fh = self.device.open(pid, fi.flags)
         # direct I/O (every read reaches us with this open's handle) unless every open
         # holds this same image: then the page cache (see device's module doc)
-        fi.direct_io, fi.keep_cache = self.device.cache_mode(fi.fh)
         try:  # passthrough: the reply names the backing file (Passthrough._send)
             self.passthrough.prepare(fi.fh)
         except BaseException:
             self.device.release(fi.fh)
             raise
+        fi.direct_io, fi.keep_cache = self.device.cache_mode(fi.fh)
         # the kernel trusts attributes for the rest of the jiffy they came in (even with
         # attr_timeout=0): an fstat right after this open could get a size answered before
         # it (a stat by someone else, before an idle shrink), map more than we serve, and
@@ -246,15 +246,18 @@ class _ChanOps(ctypes.Structure):
     _fields_ = [("receive", ctypes.c_void_p), ("send", _SEND), ("destroy", ctypes.c_void_p)]
 
 
-def may_passthrough() -> bool:
-    """Whether the kernel will register our backing files: CAP_SYS_ADMIN (fs/fuse/
-    backing.c asks for it in the initial user namespace, where a root daemon runs)."""
+def may_passthrough(procfs: str = "/proc") -> bool:
+    """Whether the kernel will register our backing files: CAP_SYS_ADMIN in the initial
+    user namespace (fs/fuse/backing.c), whose uid_map alone maps every uid to itself."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"{procfs}/self/status") as f:
             caps = next(line for line in f if line.startswith("CapEff:"))
+        with open(f"{procfs}/self/uid_map") as f:
+            uid_map = f.read().split()
     except (OSError, StopIteration):
         return False
-    return bool(int(caps.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    return uid_map == ["0", "0", "4294967295"] and bool(
+        int(caps.split()[1], 16) >> CAP_SYS_ADMIN & 1)
 
 
 class Passthrough:
@@ -361,6 +364,17 @@ class Passthrough:
                 try:
                     arg = bytearray(struct.pack("=iIQ", f.fd, 0, 0))
                     entry = (f, fcntl.ioctl(self._fd, FUSE_DEV_IOC_BACKING_OPEN, arg))
+                except OSError as e:
+                    f.close()
+                    if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTTY):
+                        raise
+                    # the kernel agreed at INIT but will not take our files (a user
+                    # namespace's root): the page cache from now on; this open goes direct
+                    log.warning("FUSE passthrough off: registering a backing file failed "
+                                "(errno %s)", errno.errorcode.get(e.errno, e.errno))
+                    self.active = False
+                    self.device.stop_passthrough(fh)
+                    return
                 except BaseException:
                     f.close()
                     raise

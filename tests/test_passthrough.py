@@ -175,3 +175,51 @@ def test_memory_file_follows_the_served_size_down(tmp_path):
         assert read_all(m.path) == big
     finally:
         m.stop()
+
+
+# -- the decisions, without a mount ----------------------------------------------------------
+def test_device_decisions_with_passthrough(tmp_path):
+    """One backing image at a time: the same snapshot is shared, a different one waits
+    for the holders then EBUSY; once they are gone it names its own; a kernel that will
+    not take backing files turns the open direct and the device back to the page cache."""
+    from ksymsfs.device import DeviceError
+    from tests.test_pagecache import _dev
+
+    dev, ks, _ = _dev(tmp_path)
+    dev.passthrough, dev.open_wait = True, 0.2
+    a = dev.open(11, os.O_RDONLY)
+    b = dev.open(12, os.O_RDONLY)
+    assert dev.backing_of(a) is dev.image_of(a) is dev.backing_of(b)
+    assert dev.cache_mode(a) == dev.cache_mode(b) == (False, False)
+    ks.write_text(ks.read_text() + "ffffffff82000000 T late\n")
+    t = time.monotonic()
+    with pytest.raises(DeviceError) as e:
+        dev.open(13, os.O_RDONLY)
+    assert e.value.errno == errno.EBUSY and time.monotonic() - t >= 0.2
+    assert dev.open_count() == 2  # the refused open left nothing behind
+    dev.release(a)
+    dev.release(b)
+    c = dev.open(13, os.O_RDONLY)
+    assert dev.backing_of(c) is dev.image_of(c)
+    assert b"late" in bytes(dev.image_of(c))
+    dev.stop_passthrough(c)
+    assert dev.cache_mode(c) == (True, False) and dev.backing_of(c) is None
+    d = dev.open(14, os.O_RDONLY)  # page-cache decisions again: c's image is held
+    assert dev.backing_of(d) is None and dev.cache_mode(d) == (False, False)
+
+
+def test_may_passthrough_needs_cap_sys_admin_in_the_initial_user_namespace(tmp_path):
+    from ksymsfs.fusefs import may_passthrough
+
+    def proc(cap_eff: int, uid_map: str) -> str:
+        d = tmp_path / f"proc-{cap_eff:x}-{uid_map.split()[1]}" / "self"
+        d.mkdir(parents=True)
+        (d / "status").write_text(f"Name:\tx\nCapEff:\t{cap_eff:016x}\n")
+        (d / "uid_map").write_text(f"{uid_map}\n")
+        return str(d.parent)
+
+    full, init = (1 << 41) - 1, "         0          0 4294967295"
+    assert may_passthrough(proc(full, init))
+    assert not may_passthrough(proc(full & ~(1 << 21), init))       # no CAP_SYS_ADMIN
+    assert not may_passthrough(proc(full, "0 100000 65536"))           # a user namespace
+    assert not may_passthrough(str(tmp_path / "absent"))

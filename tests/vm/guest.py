@@ -171,18 +171,18 @@ def sections_check(img: str) -> None:
 class Mounted:
     """``ksymsfs mount -f`` of the live kernel at a file path, in a child process."""
 
-    def __init__(self, path: str = "/tmp/ksyms") -> None:
-        self.path = path
+    def __init__(self, path: str = "/tmp/ksyms", *args: str) -> None:
+        self.path, self.log = path, path + ".log"
         Path(path).touch()
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.p = subprocess.Popen([sys.executable, "-m", "ksymsfs", "mount", "-f",
-                                   "--allow-other", path], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=open("/tmp/mount.log", "w"))
+                                   "--allow-other", *args, path], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
         for _ in range(600):
             if any(ln.split()[4] == path for ln in open("/proc/self/mountinfo")):
                 return
             if self.p.poll() is not None:
-                raise RuntimeError("mount exited: " + open("/tmp/mount.log").read()[-500:])
+                raise RuntimeError("mount exited: " + open(self.log).read()[-500:])
             time.sleep(0.1)
         raise RuntimeError("mount did not appear in 60 s")
 
@@ -264,6 +264,24 @@ def held_view(f) -> dict:
     fcntl.ioctl(f.fileno(), KIOCGSIZE, buf)
     return {"read": len(data), "fstat": st, "kiocgsize": struct.unpack("<Q", buf)[0],
             "data": data}
+
+
+@step("passthrough_falls_back")
+def passthrough_fallback(m: Mounted) -> None:
+    """--passthrough on a kernel without it (6.1): said in the log, and the mount serves
+    the same snapshot through the page cache."""
+    pt = Mounted("/tmp/ksyms-pt", "--passthrough")
+    try:
+        with open(pt.path, "rb") as f:
+            data = f.read()
+        with open(m.path, "rb") as f:
+            want = f.read()
+        log = open(pt.log).read()
+        same = images.from_bytes(data).key() == images.from_bytes(want).key()
+        RES.check("passthrough_falls_back", "not offered by this kernel" in log and same,
+                  {"log": log[-300:], "same_symbols": same})
+    finally:
+        pt.close()
 
 
 @step("held_fd")
@@ -388,6 +406,7 @@ def main() -> int:
         if not CONFIG.get("churn_only"):
             mount_checks(m)
             open_latency(m)
+            passthrough_fallback(m)
             held_fd_checks(m)
             policy_checks(m)
         ko.function_tracer(False)   # everything runs ~10x slower while it traces

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.vm
 
 GUEST_CHECKS = [
     "setup", "snapshot", "sysmodule_sections", "mount_lines", "open_latency",
+    "passthrough_falls_back",
     "held_fd_keeps_snapshot", "held_fd_sizes_agree", "next_open_sees_rmmod_modprobe",
     "kptr_restrict_policy", "unprivileged_gets_zeros",
     "churn_modules_no_mixed_image", "churn_modules_enough_images",
