@@ -1192,6 +1192,17 @@ class Variant:
         return getattr(self.rep, name)
 
 
+def memfd_bytes(pid: int) -> int:
+    """Memory held by a process's memory files (the passthrough backing files)."""
+    total, fd_dir = 0, f"/proc/{pid}/fd"
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(fd_dir):
+            with contextlib.suppress(OSError):
+                if os.readlink(os.path.join(fd_dir, fd)).startswith("/memfd:"):
+                    total += os.stat(os.path.join(fd_dir, fd)).st_blocks * 512
+    return total
+
+
 def sec_passthrough(rep: Report, args, work: str) -> dict:
     """Sections a (its FUSE rows), b and d again, on mounts made with --passthrough (the
     kernel reads each snapshot from the daemon's memory file), against the same targets."""
@@ -1203,8 +1214,9 @@ def sec_passthrough(rep: Report, args, work: str) -> dict:
         return {"skipped": mount.error}
     static = start_captured(work, passthrough=True)
     try:
-        read_all(mount.mountpoint)  # INIT is answered by now
-        res: dict = {"skipped": None, "active": "FUSE passthrough on" in mount.log_text()}
+        size = len(read_all(mount.mountpoint))  # INIT is answered by now
+        res: dict = {"skipped": None, "active": "FUSE passthrough on" in mount.log_text(),
+                     "memory_files": memfd_bytes(mount.pid), "image_bytes": size}
         if not res["active"]:
             view.section("a) live kernel")
             view.row("note: the kernel or the daemon did not take up passthrough", None, "")
@@ -1212,6 +1224,10 @@ def sec_passthrough(rep: Report, args, work: str) -> dict:
         res["tools"] = sec_tools(view, args, mount, "", work, static)
         kall_s = res["live"].get("fuse", {}).get("cat_kallsyms_s", {}).get("median")
         res["concurrency"] = sec_concurrency(view, args, mount, "", work, static, kall_s)
+        view.row("  + its memory files after an open (shmem, not in its RSS; dropped with "
+                 "the images when idle)", res["memory_files"] / 1e6, "MB",
+                 f"image {fmt_bytes(res['image_bytes'])}", res["memory_files"]
+                 / res["image_bytes"], "(info)")
     finally:
         for m in (mount, static):
             if m is not None:
