@@ -1214,7 +1214,7 @@ def sec_passthrough(rep: Report, args, work: str) -> dict:
         return {"skipped": mount.error}
     static = start_captured(work, passthrough=True)
     try:
-        size = len(read_all(mount.mountpoint))  # INIT is answered by now
+        size = read_all(mount.mountpoint)  # (its byte count) INIT is answered by now
         res: dict = {"skipped": None, "active": "FUSE passthrough on" in mount.log_text(),
                      "memory_files": memfd_bytes(mount.pid), "image_bytes": size}
         if not res["active"]:
