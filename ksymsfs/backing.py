@@ -39,11 +39,6 @@ class BackingFile:
             os.ftruncate(self.fd, size)
             self.size = size
 
-    @property
-    def stored(self) -> int:
-        """Memory the file holds (its pages, not its holes)."""
-        return os.fstat(self.fd).st_blocks * 512
-
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -70,13 +70,13 @@ class KsymsOperations(Operations):
     def open(self, path: str, fi: fuse_file_info) -> int:
         _uid, _gid, pid = fuse_get_context()
         fi.fh = self.device.open(pid, fi.flags)
-        # direct I/O (every read reaches us with this open's handle) unless every open
-        # holds this same image: then the page cache (see device's module doc)
         try:  # passthrough: the reply names the backing file (Passthrough._send)
             self.passthrough.prepare(fi.fh)
         except BaseException:
             self.device.release(fi.fh)
             raise
+        # direct I/O (every read reaches us with this open's handle) unless every open
+        # holds this same image: then the page cache (see device's module doc)
         fi.direct_io, fi.keep_cache = self.device.cache_mode(fi.fh)
         # the kernel trusts attributes for the rest of the jiffy they came in (even with
         # attr_timeout=0): an fstat right after this open could get a size answered before
@@ -270,7 +270,9 @@ class Passthrough:
     def __init__(self, device: Device, wanted: bool):
         self.device, self.wanted, self.active = device, wanted, False
         self._lock = threading.Lock()
-        self._files: dict[int, tuple[BackingFile, int]] = {}  # id(image) -> (file, id)
+        # id(image) -> (its file, backing id, the value of _made when it was made)
+        self._files: dict[int, tuple[BackingFile, int, int]] = {}
+        self._made = 0  # files made so far
         self._pending: dict[int, tuple[int, bool]] = {}  # fh -> (backing id, direct I/O)
         self._tls = threading.local()
         self._fd, self._ch, self._offered = -1, None, False
@@ -363,7 +365,9 @@ class Passthrough:
                 f = BackingFile(image, self.device.served_size)
                 try:
                     arg = bytearray(struct.pack("=iIQ", f.fd, 0, 0))
-                    entry = (f, fcntl.ioctl(self._fd, FUSE_DEV_IOC_BACKING_OPEN, arg))
+                    self._made += 1
+                    entry = (f, fcntl.ioctl(self._fd, FUSE_DEV_IOC_BACKING_OPEN, arg),
+                             self._made)
                 except OSError as e:
                     f.close()
                     if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTTY):
@@ -386,7 +390,7 @@ class Passthrough:
         """The served size grew (device.on_served, under its lock): so do the files, or a
         mapping as long as the new fstat size dies of SIGBUS past their end."""
         with self._lock:
-            for f, _ in self._files.values():
+            for f, _, _ in self._files.values():
                 f.fit(max(f.size, size))
 
     def forget(self, fh: int) -> None:
@@ -395,13 +399,17 @@ class Passthrough:
 
     def prune(self) -> None:
         """Let go of the backing files of images no open can be given any more (files the
-        kernel still reads stay alive in it: it holds its own reference)."""
+        kernel still reads stay alive in it: it holds its own reference). An image that
+        was not live is never handed out again; one made after we looked may be new."""
         if not self.active:
             return
+        with self._lock:
+            made = self._made
         live = self.device.live_images()
         with self._lock:
-            gone = [self._files.pop(k) for k in [k for k in self._files if k not in live]]
-        for f, backing_id in gone:
+            gone = [self._files.pop(k) for k, (_, _, when) in list(self._files.items())
+                    if k not in live and when <= made]
+        for f, backing_id, _ in gone:
             try:
                 fcntl.ioctl(self._fd, FUSE_DEV_IOC_BACKING_CLOSE,
                             bytearray(struct.pack("=I", backing_id)))
