@@ -302,7 +302,9 @@ class Device:
         return sum(sizes.values())
 
     def _check_budget(self, need: int) -> None:
-        if self._held_bytes() + need > self.max_memory:
+        """ENOMEM unless ``need`` more bytes of images fit; with passthrough every image
+        costs twice its stored bytes (its memory file holds them again)."""
+        if (self._held_bytes() + need) * (2 if self.passthrough else 1) > self.max_memory:
             raise DeviceError(errno.ENOMEM, f"snapshot memory budget ({self.max_memory >> 20}"
                               " MiB, --max-memory) used up")
 

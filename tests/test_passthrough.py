@@ -294,3 +294,26 @@ def test_readers_under_churn_get_whole_snapshots_or_ebusy(tmp_path):
     assert set(errs) <= {errno.EBUSY, errno.ENXIO}, errs  # ENXIO: a torn source read
     log = m.log.read_text(errors="replace")
     assert "Traceback" not in log and "failed" not in log, log[-2000:]
+
+
+def test_memory_budget_counts_the_memory_files(tmp_path):
+    """--max-memory: with passthrough an image costs its stored bytes twice (the daemon's
+    and its memory file's), so a budget of 1.5 images admits one open without and
+    refuses it with ENOMEM with passthrough."""
+    from ksymsfs.device import Device, DeviceError, _stored
+    from ksymsfs.sources import Sources
+    from tests.test_pagecache import _dev
+
+    dev, ks, proc = _dev(tmp_path)
+    a = dev.open(11, os.O_RDONLY)
+    stored = _stored(dev.image_of(a))
+    dev.release(a)
+    for through in (False, True):
+        d = Device(Sources(str(ks), None), procfs=str(proc), max_memory=stored * 3 // 2)
+        d.passthrough = through
+        if through:
+            with pytest.raises(DeviceError) as e:
+                d.open(12, os.O_RDONLY)
+            assert e.value.errno == errno.ENOMEM
+        else:
+            d.release(d.open(12, os.O_RDONLY))
