@@ -101,7 +101,7 @@ def test_without_passthrough_reads_need_the_daemon(tmp_path):
     m = Mount(tmp_path / "ksyms", "--kallsyms", str(ks), "--modules", str(mods))
     fd = os.open(m.path, os.O_RDONLY)
     try:
-        assert "passthrough" not in m.output()
+        assert "FUSE passthrough on" not in m.output()
         m.proc.send_signal(signal.SIGKILL)
         m.proc.wait(20)
         with pytest.raises(OSError) as e:
