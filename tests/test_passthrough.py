@@ -293,7 +293,8 @@ def test_readers_under_churn_get_whole_snapshots_or_ebusy(tmp_path):
     assert ok > 10 and not any(r[2] for r in results), results
     assert set(errs) <= {errno.EBUSY, errno.ENXIO}, errs  # ENXIO: a torn source read
     log = m.log.read_text(errors="replace")
-    assert "Traceback" not in log and "failed" not in log, log[-2000:]
+    assert not any(w in log for w in ("Traceback", "sending a FUSE reply failed",
+                                      "passthrough off")), log[-2000:]
 
 
 def test_memory_budget_counts_the_memory_files(tmp_path):
