@@ -224,7 +224,7 @@ class Notifier:
 FUSE_OPEN, FUSE_INIT = 14, 26                  # opcodes
 FUSE_INIT_EXT = 1 << 30                        # fuse_init_in/out.flags: flags2 is valid
 FUSE_PASSTHROUGH = 1 << (37 - 32)              # in flags2
-FOPEN_DIRECT_IO, FOPEN_PASSTHROUGH = 1 << 0, 1 << 7
+FOPEN_PASSTHROUGH = 1 << 7
 FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501         # _IOW(229, 1, struct fuse_backing_map)
 FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502        # _IOW(229, 2, uint32_t)
 IN_HEADER = 40                                 # sizeof(struct fuse_in_header)
@@ -268,18 +268,23 @@ class Passthrough:
     OPEN reply. Every other reply goes through libfuse's own channel untouched."""
 
     def __init__(self, device: Device, wanted: bool):
-        self.device, self.wanted, self.active = device, wanted, False
+        self.device, self.wanted = device, wanted
         self._lock = threading.Lock()
         # id(image) -> (its file, backing id, the value of _made when it was made)
         self._files: dict[int, tuple[BackingFile, int, int]] = {}
         self._made = 0  # files made so far
-        self._pending: dict[int, tuple[int, bool]] = {}  # fh -> (backing id, direct I/O)
+        self._pending: dict[int, int] = {}  # fh -> the backing id its OPEN reply names
         self._tls = threading.local()
         self._fd, self._ch, self._offered = -1, None, False
         self._ops = _ChanOps(None, _SEND(self._send), None)  # kept alive with us
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.writev.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_int]
         self._libc.writev.restype = ctypes.c_ssize_t
+
+    @property
+    def active(self) -> bool:
+        """The kernel agreed at INIT and has not refused a backing file since."""
+        return self.device.passthrough
 
     def attach(self, lib: ctypes.CDLL, ch: int) -> None:
         """Make our channel on libfuse's /dev/fuse descriptor (``ch``: its channel)."""
@@ -338,7 +343,7 @@ class Passthrough:
         except OSError as e:
             return -e.errno
         self.device.on_served = self.grow
-        self.active = self.device.passthrough = True
+        self.device.passthrough = True
         log.info("FUSE passthrough on: the kernel reads snapshots from memory files")
         return 0
 
@@ -347,10 +352,8 @@ class Passthrough:
         with self._lock:
             named = self._pending.pop(fh, None)
         if named is not None:
-            backing_id, direct = named
-            flags = FOPEN_PASSTHROUGH | (FOPEN_DIRECT_IO if direct else 0)
-            ctypes.c_uint32.from_address(open_out + 8).value = flags
-            ctypes.c_int32.from_address(open_out + 12).value = backing_id
+            ctypes.c_uint32.from_address(open_out + 8).value = FOPEN_PASSTHROUGH
+            ctypes.c_int32.from_address(open_out + 12).value = named
 
     def prepare(self, fh: int) -> None:
         """Before the OPEN reply: register (or reuse) the backing file of the open's
@@ -358,7 +361,6 @@ class Passthrough:
         image = self.device.backing_of(fh)
         if not self.active or image is None:
             return
-        direct = self.device.cache_mode(fh)[0]
         with self._lock:
             entry = self._files.get(id(image))
             if entry is None:
@@ -376,7 +378,6 @@ class Passthrough:
                     # namespace's root): the page cache from now on; this open goes direct
                     log.warning("FUSE passthrough off: registering a backing file failed "
                                 "(errno %s)", errno.errorcode.get(e.errno, e.errno))
-                    self.active = False
                     self.device.stop_passthrough(fh)
                     return
                 except BaseException:
@@ -384,7 +385,7 @@ class Passthrough:
                     raise
                 self._files[id(image)] = entry
             entry[0].fit(self.device.served_size)
-            self._pending[fh] = (entry[1], direct)
+            self._pending[fh] = entry[1]
 
     def grow(self, size: int) -> None:
         """The served size grew (device.on_served, under its lock): so do the files, or a

@@ -306,12 +306,8 @@ class Mount:
             return ""
 
     def _log_tail(self) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                lines = [x.strip() for x in f if x.strip()]
-            return " | ".join(lines[-3:])
-        except OSError:
-            return ""
+        lines = [x.strip() for x in self.log_text().splitlines() if x.strip()]
+        return " | ".join(lines[-3:])
 
     def start(self) -> bool:
         cmd = [sys.executable, "-m", "ksymsfs", "mount", "-f"]

@@ -17,6 +17,7 @@ import pytest
 from ksymsfs import KIOCGSIZE, parse_image
 from ksymsfs.mount import apply_options
 from tests.fuse_harness import Mount, read_all, require_fuse, write_sources
+from tests.test_security import in_child
 
 
 @pytest.fixture
@@ -43,21 +44,11 @@ def views(fd: int) -> tuple[bytes, bytes, int, int]:
 
 def open_errno_in_child(path) -> int:
     """errno of an open by another process (0: it opened and read an ELF header)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            with open(path, "rb") as f:
-                code = 0 if f.read(4) == b"\x7fELF" else 255
-        except OSError as e:
-            code = e.errno
-        os.write(w, bytes([code]))
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        code = f.read()
-    os.waitpid(pid, 0)
-    return code[0]
+    def attempt() -> int:
+        with open(path, "rb") as f:
+            return 0 if f.read(4) == b"\x7fELF" else 255
+    res = in_child(attempt)
+    return res.errno if isinstance(res, OSError) else res
 
 
 def test_mount_option_passthrough_is_parsed():
