@@ -59,10 +59,15 @@ def _read_seqnum(path: str | None) -> bytes | None:
     if path is None:
         return None
     try:
-        with os.fdopen(open_regular(path), "rb") as f:  # a FIFO never blocks us
-            return f.read(64)
+        fd = open_regular(path)  # a FIFO never blocks us
     except OSError:
         return None
+    try:  # one read: sysfs gives the whole value at once (a file: its first 64 bytes)
+        return os.read(fd, 64)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def moved(before: Signals, after: Signals) -> str:

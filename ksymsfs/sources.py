@@ -135,7 +135,7 @@ class Snapshot:
         """The sources read exactly these bytes (a memcmp: exact, unlike a hash alone).
         (``startswith``: a memcmp also for a memoryview, which ``==`` compares per item.)"""
         return (self.raw_modules == mdata and len(self.raw) == len(kdata)
-                and self.raw.startswith(kdata))
+                and (kdata is self.raw or self.raw.startswith(kdata)))
 
     @property
     def digest(self) -> bytes:
@@ -165,9 +165,9 @@ class Snapshot:
 
 
 def _read(path: str, missing_ok: bool = False, max_bytes: int = DEFAULT_MAX_READ,
-          into: ReadBuffer | None = None, progress: ReadProgress | None = None
-          ) -> bytes | memoryview | None:
-    return read_regular(path, max_bytes, missing_ok, into, progress)
+          into: ReadBuffer | None = None, progress: ReadProgress | None = None,
+          expect: bytes | None = None) -> bytes | memoryview | None:
+    return read_regular(path, max_bytes, missing_ok, into, progress, expect)
 
 
 def _read_modules(src: Sources) -> bytes | None:
@@ -191,7 +191,8 @@ def take_snapshot(src: Sources,
     returned: nothing changed, so its parsed table (and any image built from it) is still
     exact. ``keep_raw``: the snapshot keeps the bytes read for that comparison (the device
     does; a one-off dump frees them before its build). ``buffer``: kallsyms is read into
-    it (the device's, reused at every open); only a changed text is copied out.
+    it (the device's, reused at every open), compared with ``previous``'s as it arrives
+    (ReadBuffer.read_fd); only a changed text is copied out.
     ``progress``: where the reading is (which try, how many bytes of kallsyms), for
     openers who arrive meanwhile (freshness.KernelFirstJoin).
     """
@@ -201,7 +202,9 @@ def take_snapshot(src: Sources,
             progress.start_try(tries)
         before = consistency.read_signals(src.seqnum, src.bpf_ids)
         m1 = _read_modules(src)
-        kdata = _read(src.kallsyms, max_bytes=src.max_read, into=buffer, progress=progress)
+        kdata = _read(src.kallsyms, max_bytes=src.max_read, into=buffer, progress=progress,
+                      expect=previous.raw if previous is not None and buffer is not None
+                      and previous.raw else None)
         m2 = _read_modules(src)
         after = consistency.read_signals(src.seqnum, src.bpf_ids, ksyms=src.bpf_ids)
         why = consistency.moved(before, after)

@@ -408,6 +408,49 @@ def test_read_buffer_reads_exactly_grows_and_keeps_the_cap(tmp_path):
     assert second.size_hint == buf.size_hint  # no doubling past the first one's size
 
 
+def test_read_buffer_compares_with_the_previous_reading_as_it_reads(tmp_path):
+    """``expect``: the previous reading itself back if every byte is equal, else exactly
+    the new bytes, wherever they first differ (first byte, inside a step, at a step's
+    edge, the last byte, longer, shorter, empty); the cap still holds; progress is told
+    each read at once, also for the read that differs."""
+    from ksymsfs.freshness import STEP, ReadProgress
+    from ksymsfs.readfile import ReadBuffer, read_regular
+    old = os.urandom(3 * STEP + 777)
+    f = tmp_path / "k"
+    buf = ReadBuffer()
+    f.write_bytes(old)
+    expect = bytes(old)
+    assert read_regular(str(f), into=buf, expect=expect) is expect
+    flip = lambda b, i: b[:i] + bytes([b[i] ^ 1]) + b[i + 1:]  # noqa: E731
+    cases = [flip(old, 0), flip(old, 5), flip(old, STEP - 1), flip(old, STEP),
+             flip(old, 2 * STEP + 3), flip(old, len(old) - 1), old + b"x", old[:-1],
+             old[:STEP], old[:2 * STEP + 1], b"", old + os.urandom(4 * STEP)]
+    for new in cases:
+        f.write_bytes(new)
+        got = read_regular(str(f), into=buf, expect=expect)
+        assert got is not expect and bytes(got) == new
+    f.write_bytes(old)
+    assert read_regular(str(f), into=buf, expect=expect) is expect  # after a fallback too
+    with pytest.raises(SourceError, match="larger than"):
+        read_regular(str(f), len(old) - 1, into=buf, expect=expect)
+
+    class Seen(ReadProgress):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def advance(self, nbytes):
+            super().advance(nbytes)
+            self.seen.append(nbytes)
+    for new in (old, flip(old, STEP + 9)):
+        f.write_bytes(new)
+        p = Seen()
+        read_regular(str(f), into=buf, progress=p, expect=expect)
+        steps = [b - a for a, b in zip([0, *p.seen], p.seen)]
+        assert p.seen[-1] == len(new) and all(0 <= s <= STEP for s in steps)
+        assert sorted(p.seen) == p.seen
+
+
 def test_plain_read_of_a_sized_file_is_one_read_and_exact(tmp_path, monkeypatch):
     """Without a reuse buffer, a regular file is read in one read() of its size (+1 to see
     growth), then one to see EOF: exact bytes, the cap kept, a file grown or shrunk since
