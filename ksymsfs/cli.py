@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="let the kernel read each snapshot from a memory file itself "
                         "(FUSE passthrough: kernel 6.9+, daemon as root; else ignored): "
                         "reads at local-file speed, but while one snapshot is open an "
-                        "open that would get a different one waits, then fails EBUSY")
+                        "open that would get a different one waits, then fails EBUSY; "
+                        "not with --allow-other")
     m.add_argument("--sysctl-dir", default="/proc/sys/kernel", metavar="DIR",
                    help="where kptr_restrict and perf_event_paranoid are read (tests)")
     m.add_argument("--force", action="store_true",

@@ -57,6 +57,17 @@ def apply_options(a: argparse.Namespace, opts: str | None) -> None:
             raise ConfigError(f"unknown mount option {opt!r}")
 
 
+def _check_combination(a: argparse.Namespace) -> None:
+    """Options that must not meet: passthrough serves one snapshot at a time (the kernel
+    allows one backing file per inode), so with other users let in, any of them could
+    hold the device open and make everyone else's opens fail after a kernel change."""
+    if getattr(a, "passthrough", False) and getattr(a, "allow_other", False):
+        raise ConfigError("--passthrough cannot be combined with --allow-other: it serves "
+                          "one snapshot at a time, so any user holding the device open "
+                          "would make every other user's opens fail (EBUSY) once the "
+                          "kernel changes")
+
+
 def mount_state(mountpoint: str) -> str:
     """'none', 'mounted' or 'stale' (a mount whose daemon is gone: ENOTCONN)."""
     path = canonical(mountpoint)
@@ -149,6 +160,7 @@ def run_mount(a: argparse.Namespace) -> int:
     """Check and prepare the mount point under its lock, prime the device, then serve in the
     foreground or in a daemon; a failure removes a mount point this mount created."""
     apply_options(a, a.options)
+    _check_combination(a)
     _absolute_paths(a)
     path, run_dir = canonical(a.mountpoint), _run_dir(a)
     lock = PathLock(run_dir, path)

@@ -17,6 +17,7 @@ import pytest
 from ksymsfs import KIOCGSIZE, parse_image
 from ksymsfs.mount import apply_options
 from tests.fuse_harness import Mount, read_all, require_fuse, write_sources
+from tests.helpers import run_ksymsfs
 from tests.test_security import in_child
 
 
@@ -55,6 +56,27 @@ def test_mount_option_passthrough_is_parsed():
     a = argparse.Namespace(passthrough=False)
     apply_options(a, "ro,passthrough")
     assert a.passthrough is True
+
+
+@pytest.mark.parametrize("how", [["--passthrough", "--allow-other"],
+                                 ["-o", "ro,passthrough,allow_other"],
+                                 ["--allow-other", "-o", "passthrough"]])
+def test_passthrough_is_refused_with_allow_other(tmp_path, how):
+    """One snapshot at a time would let any user hold back every other user's opens:
+    the combination is a one-line error, exit 2, and the mount point is left as it was
+    (absent: not created; a file: untouched)."""
+    ks, mods = write_sources(tmp_path / "src", ["alpha"])
+    for existing in (False, True):
+        mp = tmp_path / "ksyms"
+        if existing:
+            mp.touch()
+        r = run_ksymsfs("mount", *how, "--kallsyms", ks, "--modules", mods, mp)
+        err = r.stderr.decode()
+        lines = [ln for ln in err.splitlines() if "/dev/log" not in ln]
+        assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err
+        assert "--passthrough" in lines[0] and "--allow-other" in lines[0]
+        assert mp.exists() is existing and not os.path.ismount(mp)
+        assert not existing or mp.stat().st_size == 0
 
 
 @pytest.mark.fuse

@@ -171,12 +171,13 @@ def sections_check(img: str) -> None:
 class Mounted:
     """``ksymsfs mount -f`` of the live kernel at a file path, in a child process."""
 
-    def __init__(self, path: str = "/tmp/ksyms", *args: str) -> None:
+    def __init__(self, path: str = "/tmp/ksyms", *args: str, others: bool = True) -> None:
         self.path, self.log = path, path + ".log"
         Path(path).touch()
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.p = subprocess.Popen([sys.executable, "-m", "ksymsfs", "mount", "-f",
-                                   "--allow-other", *args, path], env=env,
+                                   *(["--allow-other"] if others else []), *args, path],
+                                  env=env,
                                   stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
         for _ in range(600):
             if any(ln.split()[4] == path for ln in open("/proc/self/mountinfo")):
@@ -270,7 +271,7 @@ def held_view(f) -> dict:
 def passthrough_fallback(m: Mounted) -> None:
     """--passthrough on a kernel without it (6.1): said in the log, and the mount serves
     the same snapshot through the page cache."""
-    pt = Mounted("/tmp/ksyms-pt", "--passthrough")
+    pt = Mounted("/tmp/ksyms-pt", "--passthrough", others=False)  # (refused together)
     try:
         with open(pt.path, "rb") as f:
             data = f.read()
