@@ -411,17 +411,21 @@ def sec_live(rep: Report, args, mount: Mount | None, mount_err: str, work: str) 
     local = os.path.join(work, "live-local.elf")
     shutil.copyfile(mp, local)  # the same bytes, zeros included, as a page-cached file
     sparse = _sparse_copy(mp, work)  # its zeros as holes: what --passthrough reads
-    tcat, tmount, tlocal, tsparse = _interleaved(
-        [["cat", kall], ["cat", mp], ["cat", local], ["cat", sparse]], max(n, 9))
+    tcat, tmount, tlocal, tsparse, tnull = _interleaved(
+        [["cat", kall], ["cat", mp], ["cat", local], ["cat", sparse], ["cat", "/dev/null"]],
+        max(n, 9))
     os.unlink(sparse)
     icat, fcat, lcat, scat = med(tcat), med(tmount), med(tlocal), med(tsparse)
     frd = timed(lambda: read_all(mp), n)
     lim = TARGETS["live_open_read"]
-    floor = icat + min(lcat, scat)  # the cheapest way to hold the bytes that we measured
+    # one cat that reads kallsyms and then the cheapest copy we measured: the copy's cat
+    # without its own process start (cat /dev/null), which the mount's cat does not pay
+    floor = icat + max(0.0, min(lcat, scat) - med(tnull))
     ok = rep.check("live_open_read", fcat / icat, lim, what="cat MOUNT / cat /proc/kallsyms",
                    floor=floor / icat)
     fuse.update(cat_mount_s=fig(tmount), cat_kallsyms_s=fig(tcat),
                 cat_local_copy_s=fig(tlocal), cat_sparse_tmpfs_s=fig(tsparse),
+                cat_dev_null_s=fig(tnull),
                 read_mount_s=fig(frd),
                 mount_bytes=read_all(mp), ratio_cat=fcat / icat,
                 ratio_floor=fcat / floor, ratio_read=med(frd) / med(rd))
@@ -432,8 +436,9 @@ def sec_live(rep: Report, args, mount: Mount | None, mount_err: str, work: str) 
             lcat * 1e3, "ms", "cat kallsyms", lcat / icat)
     rep.row("  cat of a sparse copy in tmpfs (the zeros as holes, as --passthrough's "
             "memory file)", scat * 1e3, "ms", "cat kallsyms", scat / icat)
-    rep.row("  cat MOUNT vs its floor (cat kallsyms + cat of the cheaper copy)", None, "",
-            f"{floor * 1e3:.1f} ms", fcat / floor, "(info)")
+    rep.row("  cat /dev/null (a cat's own start and exit)", med(tnull) * 1e3, "ms")
+    rep.row("  cat MOUNT vs its floor (cat kallsyms + the cheaper copy's cat beyond "
+            "cat /dev/null)", None, "", f"{floor * 1e3:.1f} ms", fcat / floor, "(info)")
     rep.row("  the floor vs cat kallsyms (no daemon can be under it)", None, "",
             "cat kallsyms", floor / icat, f"({lim}x)")
     rep.row("open+read+close MOUNT in-process", med(frd) * 1e3, "ms", "in-process read",
