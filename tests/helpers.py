@@ -27,6 +27,18 @@ DUMPS = sorted(p.name for p in DATA.iterdir() if (p / "kallsyms").is_file())
 
 IN_CI = bool(os.environ.get("CI"))
 
+
+def child_processes(*preload: str) -> object:
+    """A multiprocessing context whose children are forked from a single-threaded server,
+    not from this (threaded) test process: fork() here, with a churn thread running, is
+    a deadlock risk (Python 3.12+ warns). ``preload``: modules the server imports once
+    (the children's targets), so each child starts in milliseconds."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(preload))
+    return ctx
+
 # One kallsyms symbol line, parsed independently of ksymsfs.kallsyms (a regex, not numpy):
 # names are 1..511 bytes without spaces or control characters (KSYM_NAME_LEN 512).
 SYMBOL_LINE = re.compile(

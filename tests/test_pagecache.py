@@ -16,6 +16,7 @@ from ksymsfs import parse_image
 from ksymsfs.device import Device
 from ksymsfs.sources import Sources
 from tests.fuse_harness import Mount, churn_sources, require_fuse, write_sources
+from tests.helpers import child_processes
 from tests.test_policy import KS, fake_proc
 from tests.test_security import become_nobody, in_child, nobody_stat_loop
 
@@ -145,21 +146,25 @@ def test_unchanged_sources_give_the_same_snapshot_object_and_any_change_a_new_on
     assert take_snapshot(src).raw == b""  # a one-off snapshot does not keep the text
 
 
-def _map_and_touch(path: Path) -> int:
-    """In a fresh child: open, fstat, map that size, touch every page. Exit status or
-    -signal (SIGBUS if the kernel's size dropped under the mapping)."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            os._exit(3)
-        size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ)
-        sum(mm[off] for off in range(0, size, 4096))
-        os._exit(0)
-    _, st = os.waitpid(pid, 0)
-    return -os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
+def _touch_every_page(path: str) -> None:
+    """(In a child) open, fstat, map that size, touch every page; exit 3 if it cannot
+    open."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        os._exit(3)
+    size = os.fstat(fd).st_size
+    mm = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ)
+    sum(mm[off] for off in range(0, size, 4096))
+
+
+def _map_and_touch(ctx: object, path: Path) -> int:
+    """``_touch_every_page`` in a fresh child: its exit status, or -signal (SIGBUS if the
+    kernel's size dropped under the mapping)."""
+    p = ctx.Process(target=_touch_every_page, args=(str(path),))
+    p.start()
+    p.join(120)
+    return p.exitcode
 
 
 @pytest.mark.fuse
@@ -178,26 +183,28 @@ def test_mappers_touching_every_page_survive_stat_open_churn():
     m = Mount(d / "ksyms", "--allow-other", "--kallsyms", str(ks), "--modules", str(mods))
     stop = threading.Event()
 
-    def churn() -> None:
-        churn_sources(src, stop)
-
-    def nobody() -> int:
-        return nobody_stat_loop(m.path, 5)
-    box: list = []
-    threads = [threading.Thread(target=churn),
-               threading.Thread(target=lambda: box.append(in_child(nobody)))]
+    ctx = child_processes("tests.test_pagecache")  # children not forked from our threads
+    stats = ctx.Queue()
+    nobody = ctx.Process(target=_nobody_stats, args=(str(m.path), stats))
+    churn = threading.Thread(target=churn_sources, args=(src, stop))
     try:
-        for t in threads:
-            t.start()
-        results = [_map_and_touch(m.path) for _ in range(60)]
+        nobody.start()
+        churn.start()
+        results = [_map_and_touch(ctx, m.path) for _ in range(60)]
+        made = stats.get(timeout=60)
     finally:
         stop.set()
-        for t in threads:
-            t.join(30)
+        churn.join(30)
+        nobody.join(30)
         m.stop()
         shutil.rmtree(d, ignore_errors=True)
     assert [r for r in results if r < 0] == [] and results.count(0) > 0, results
-    assert box and box[0] > 0
+    assert made > 0 and nobody.exitcode == 0
+
+
+def _nobody_stats(path: str, q: object) -> None:
+    """(In a child) nobody stats and opens ``path`` in a loop; the stats made go to ``q``."""
+    q.put(nobody_stat_loop(path, 5))
 
 
 def test_section_files_that_are_fifos_are_skipped_not_waited_on(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from ksymsfs import KIOCGSIZE, parse_image
 from ksymsfs.mount import apply_options
 from tests.fuse_harness import Mount, read_all, require_fuse, write_sources
-from tests.helpers import run_ksymsfs
+from tests.helpers import child_processes, run_ksymsfs
 from tests.test_security import in_child
 
 
@@ -272,7 +272,6 @@ def test_readers_under_churn_get_whole_snapshots_or_ebusy(tmp_path):
     different one was held); never EIO, which is what the kernel answers when an open
     names another backing file than the inode's (our count of held files would be
     wrong), and the daemon never logs a failure."""
-    import multiprocessing as mp
     import threading
 
     from tests.fuse_harness import churn_sources
@@ -286,9 +285,9 @@ def test_readers_under_churn_get_whole_snapshots_or_ebusy(tmp_path):
     churn = threading.Thread(target=churn_sources, args=(src, stop), daemon=True)
     try:
         churn.start()
-        q = mp.get_context("fork").Queue()
-        ps = [mp.get_context("fork").Process(target=_reader_loop, args=(str(m.path), 4, q))
-              for _ in range(4)]
+        ctx = child_processes("tests.test_passthrough")
+        q = ctx.Queue()
+        ps = [ctx.Process(target=_reader_loop, args=(str(m.path), 4, q)) for _ in range(4)]
         for p in ps:
             p.start()
         results = [q.get(timeout=120) for _ in ps]
