@@ -422,7 +422,7 @@ def sec_live(rep: Report, args, mount: Mount | None, mount_err: str, work: str) 
     tcat, tmount, tlocal, tsparse, tnull = _interleaved(
         [["cat", kall], ["cat", mp], ["cat", local], ["cat", sparse], ["cat", "/dev/null"]],
         max(n, 9))
-    os.unlink(sparse)
+    _drop_tmpfs_copies()
     icat, fcat, lcat, scat = med(tcat), med(tmount), med(tlocal), med(tsparse)
     frd = timed(lambda: read_all(mp), n)
     lim = TARGETS["live_open_read"]
@@ -454,12 +454,22 @@ def sec_live(rep: Report, args, mount: Mount | None, mount_err: str, work: str) 
     return res
 
 
+TMPFS_COPIES: list[str] = []  # every sparse copy made (main removes any left; JSON names them)
+
+
 def _sparse_copy(path: str, work: str) -> str:
     """A copy of ``path`` in tmpfs (``work`` without /dev/shm) whose zero pages are holes."""
     where = "/dev/shm" if os.path.isdir("/dev/shm") else work
-    out = os.path.join(where, f"ksymsfs-bench-sparse-{os.getpid()}.elf")
+    out = os.path.join(where, f"ksymsfs-bench-sparse-{os.getpid()}-{len(TMPFS_COPIES)}.elf")
+    TMPFS_COPIES.append(out)
     subprocess.run(["cp", "--sparse=always", path, out], check=True)
     return out
+
+
+def _drop_tmpfs_copies() -> None:
+    for path in TMPFS_COPIES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def vm_guest_row(rep: Report, path: str | None) -> dict:
@@ -858,7 +868,7 @@ def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str,
         rep.row(f"{procs} readers: daemon peak RSS growth", growth / 1e6, "MB",
                 f"image {fmt_bytes(image)}", growth / image, f"<= {lim}x" if last else "",
                 okm)
-    os.unlink(sparse)
+    _drop_tmpfs_copies()
     idle = idle_rss(mount.pid)
     res["daemon_idle_rss"] = idle
     lim = TARGETS["daemon_idle_mb"]
@@ -1345,8 +1355,10 @@ def main(argv=None) -> int:
         for m in (mount, static):
             if m is not None:
                 m.stop()
+        _drop_tmpfs_copies()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+    data["meta"]["tmpfs_copies"] = TMPFS_COPIES
     data["checks"] = rep.checks
     data["meta"]["seconds"] = time.time() - t0
     rep.print()
