@@ -111,7 +111,7 @@ class ReadBuffer:
                 if pos > max_bytes:
                     _too_big(path, max_bytes)
                 return expect
-            self._ensure(pos + len(differs))
+            self._ensure(pos + len(differs), keep=0)  # the equal part comes from expect
             self._buf[:pos] = memoryview(expect)[:pos]
             self._buf[pos:pos + len(differs)] = differs
             pos += len(differs)
@@ -136,11 +136,12 @@ class ReadBuffer:
             if n < STEP:
                 return pos, (None if pos == len(expect) else mv[:0])
 
-    def _ensure(self, need: int) -> None:
-        """Room for ``need`` bytes plus a CHUNK (a view of the old buffer may live)."""
+    def _ensure(self, need: int, keep: int | None = None) -> None:
+        """Room for ``need`` bytes plus a CHUNK, keeping the first ``keep`` (default
+        ``need``) bytes read so far (a view of the old buffer may live)."""
         if len(self._buf) - need < CHUNK:
             bigger = bytearray(max(2 * len(self._buf), need + CHUNK, self._hint))
-            keep = min(need, len(self._buf))
+            keep = min(need if keep is None else keep, len(self._buf))
             bigger[:keep] = memoryview(self._buf)[:keep]
             self._buf = bigger
 

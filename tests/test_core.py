@@ -413,8 +413,9 @@ def test_read_buffer_compares_with_the_previous_reading_as_it_reads(tmp_path):
     the new bytes, wherever they first differ (first byte, inside a step, at a step's
     edge, the last byte, longer, shorter, empty); the cap still holds; progress is told
     each read at once, also for the read that differs."""
-    from ksymsfs.freshness import STEP, ReadProgress
+    from ksymsfs.freshness import STEP
     from ksymsfs.readfile import ReadBuffer, read_regular
+    from tests.test_freshness import Log  # a ReadProgress that keeps every advance
     old = os.urandom(3 * STEP + 777)
     f = tmp_path / "k"
     buf = ReadBuffer()
@@ -433,22 +434,14 @@ def test_read_buffer_compares_with_the_previous_reading_as_it_reads(tmp_path):
     assert read_regular(str(f), into=buf, expect=expect) is expect  # after a fallback too
     with pytest.raises(SourceError, match="larger than"):
         read_regular(str(f), len(old) - 1, into=buf, expect=expect)
-
-    class Seen(ReadProgress):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def advance(self, nbytes):
-            super().advance(nbytes)
-            self.seen.append(nbytes)
     for new in (old, flip(old, STEP + 9)):
         f.write_bytes(new)
-        p = Seen()
+        p = Log()
         read_regular(str(f), into=buf, progress=p, expect=expect)
-        steps = [b - a for a, b in zip([0, *p.seen], p.seen)]
-        assert p.seen[-1] == len(new) and all(0 <= s <= STEP for s in steps)
-        assert sorted(p.seen) == p.seen
+        seen = [n for _, n in p.seen]
+        steps = [b - a for a, b in zip([0, *seen], seen)]
+        assert seen[-1] == len(new) and all(0 <= s <= STEP for s in steps)
+        assert sorted(seen) == seen
 
 
 def test_plain_read_of_a_sized_file_is_one_read_and_exact(tmp_path, monkeypatch):
