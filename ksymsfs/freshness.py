@@ -14,10 +14,14 @@ decided when it opened kallsyms (``kptr_restrict``, before the arrival); each op
 own address policy is decided at its own open anyway. And the bytes the kernel may have
 generated before the arrival reach at most ``AHEAD`` beyond what the reader had received
 (the read in progress, the reader's buffer, seq_file's page).
+
+The same fact spares each open most of its identity check (``unchanging_span``): two
+readings that both show addresses hold the same kernel's own symbols, byte for byte.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 STEP = 256 << 10        # bytes per read call while a reading is tracked
@@ -62,6 +66,27 @@ def kernel_end(raw: bytes) -> int:
     kernel's own never hold a tab), or its length."""
     tab = raw.find(b"\t")
     return len(raw) if tab < 0 else raw.rfind(b"\n", 0, tab) + 1
+
+
+_SHOWN = re.compile(rb"^0*[1-9a-fA-F][0-9a-fA-F]* ", re.M)  # a line with an address > 0
+SHOWN_WITHIN = 64 << 10  # how far into a reading that line is looked for
+
+
+def unchanging_span(raw: bytes) -> tuple[int, int]:
+    """(a, b): a later reading whose first ``a`` bytes equal this one's has the same bytes
+    in ``[a, b)`` too, so they need no comparing (readfile.ReadBuffer.read_fd).
+
+    ``b`` is ``kernel_end``: the kernel's own symbols never change after boot, and they
+    print the same unless one reading shows addresses and the other does not (decided
+    once per open of kallsyms). ``a`` ends the first line with an address other than 0:
+    a reading equal to this one up to there shows addresses, as this one did. (0, 0)
+    when no such line comes within SHOWN_WITHIN bytes (this reading hid addresses)."""
+    end = kernel_end(raw)
+    m = _SHOWN.search(raw, 0, min(end, SHOWN_WITHIN))
+    if m is None:
+        return 0, 0
+    a = raw.find(b"\n", m.end()) + 1
+    return (a, end) if 0 < a < end else (0, 0)
 
 
 class KernelFirstJoin:

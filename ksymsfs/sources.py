@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from . import consistency
 from .digest import sha256
 from .errors import KsymsError, ParseError, SnapshotError
-from .freshness import ReadProgress, kernel_end
+from .freshness import ReadProgress, kernel_end, unchanging_span
 from .kallsyms import SymbolTable, is_pseudo_module, parse_kallsyms
 from .notes import Notes, read_notes
 from .readfile import DEFAULT_MAX_READ, ReadBuffer, read_regular
@@ -153,6 +153,11 @@ class Snapshot:
         """Where the kernel's own symbols end in ``raw`` (freshness.kernel_end)."""
         return kernel_end(self.raw)
 
+    @functools.cached_property
+    def unchanging(self) -> tuple[int, int]:
+        """The span of ``raw`` a later reading need not compare (freshness.unchanging_span)."""
+        return unchanging_span(self.raw)
+
     @property
     def all_zero(self) -> bool:
         """Every address is 0: the kernel hid them from whoever read kallsyms."""
@@ -166,8 +171,9 @@ class Snapshot:
 
 def _read(path: str, missing_ok: bool = False, max_bytes: int = DEFAULT_MAX_READ,
           into: ReadBuffer | None = None, progress: ReadProgress | None = None,
-          expect: bytes | None = None) -> bytes | memoryview | None:
-    return read_regular(path, max_bytes, missing_ok, into, progress, expect)
+          expect: bytes | None = None,
+          unchecked: tuple[int, int] = (0, 0)) -> bytes | memoryview | None:
+    return read_regular(path, max_bytes, missing_ok, into, progress, expect, unchecked)
 
 
 def _read_modules(src: Sources) -> bytes | None:
@@ -192,7 +198,9 @@ def take_snapshot(src: Sources,
     exact. ``keep_raw``: the snapshot keeps the bytes read for that comparison (the device
     does; a one-off dump frees them before its build). ``buffer``: kallsyms is read into
     it (the device's, reused at every open), compared with ``previous``'s as it arrives
-    (ReadBuffer.read_fd); only a changed text is copied out.
+    (ReadBuffer.read_fd); only a changed text is copied out. For a ``kernel_first``
+    source the kernel's own symbols are read but not compared once the reading is seen
+    to show addresses as ``previous`` did (freshness.unchanging_span).
     ``progress``: where the reading is (which try, how many bytes of kallsyms), for
     openers who arrive meanwhile (freshness.KernelFirstJoin).
     """
@@ -202,9 +210,11 @@ def take_snapshot(src: Sources,
             progress.start_try(tries)
         before = consistency.read_signals(src.seqnum, src.bpf_ids)
         m1 = _read_modules(src)
+        expect = previous.raw if previous is not None and buffer is not None else b""
         kdata = _read(src.kallsyms, max_bytes=src.max_read, into=buffer, progress=progress,
-                      expect=previous.raw if previous is not None and buffer is not None
-                      and previous.raw else None)
+                      expect=expect or None,
+                      unchecked=previous.unchanging if expect and src.kernel_first
+                      else (0, 0))
         m2 = _read_modules(src)
         after = consistency.read_signals(src.seqnum, src.bpf_ids, ksyms=src.bpf_ids)
         why = consistency.moved(before, after)

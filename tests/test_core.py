@@ -444,6 +444,31 @@ def test_read_buffer_compares_with_the_previous_reading_as_it_reads(tmp_path):
         assert sorted(seen) == seen
 
 
+def test_read_buffer_leaves_the_unchecked_span_uncompared(tmp_path):
+    """``unchecked`` = (a, b): a byte changed inside it is not seen (the previous reading
+    comes back: the caller vouched for those bytes); changes before or after it are, also
+    inside a read that straddles its ends; a file that ends inside the span (so it is not
+    what the caller said) is read again and compared whole: the exact new bytes."""
+    from ksymsfs.freshness import STEP
+    from ksymsfs.readfile import ReadBuffer, read_regular
+    old = os.urandom(4 * STEP + 999)
+    expect, f, buf = bytes(old), tmp_path / "k", ReadBuffer()
+    a, b = STEP // 2, 3 * STEP + 7
+    flip = lambda data, i: data[:i] + bytes([data[i] ^ 1]) + data[i + 1:]  # noqa: E731
+    for i in (a, a + 1, STEP, 2 * STEP + 5, b - 1):
+        f.write_bytes(flip(old, i))
+        assert read_regular(str(f), into=buf, expect=expect, unchecked=(a, b)) is expect
+    for new in (flip(old, 0), flip(old, a - 1), flip(old, b), flip(old, b + 1),
+                flip(old, len(old) - 1), old + b"x", old[:-1], old[:b],
+                old[:b - 1], flip(old[:b - 1], 9), old[:2 * STEP], old[:a + 1], b""):
+        f.write_bytes(new)
+        got = read_regular(str(f), into=buf, expect=expect, unchecked=(a, b))
+        assert got is not expect and bytes(got) == new
+    f.write_bytes(flip(old, a + 3)[:b - 5])  # ends inside: the change is seen too
+    got = read_regular(str(f), into=buf, expect=expect, unchecked=(a, b))
+    assert bytes(got) == flip(old, a + 3)[:b - 5]
+
+
 def test_plain_read_of_a_sized_file_is_one_read_and_exact(tmp_path, monkeypatch):
     """Without a reuse buffer, a regular file is read in one read() of its size (+1 to see
     growth), then one to see EOF: exact bytes, the cap kept, a file grown or shrunk since

@@ -17,10 +17,12 @@ from ksymsfs import sources as srcmod
 from ksymsfs.device import Coalescer, Device
 from ksymsfs.freshness import (
     AHEAD,
+    SHOWN_WITHIN,
     STEP,
     KernelFirstJoin,
     ReadProgress,
     kernel_end,
+    unchanging_span,
 )
 from ksymsfs.readfile import ReadBuffer, read_regular
 from ksymsfs.sources import Sources, take_snapshot
@@ -40,6 +42,58 @@ class Snap:
 
     def __init__(self, end: int, all_zero: bool = False, tag: object = None) -> None:
         self.kernel_end, self.all_zero, self.tag = end, all_zero, tag
+
+
+# -- what a reading need not compare -------------------------------------------------------
+def test_unchanging_span_starts_after_the_first_address_shown():
+    """From the end of the first line with an address other than 0 to the kernel part's
+    end; none for a reading that hid addresses, none when the kernel part ends before
+    such a line, none when that line is further in than SHOWN_WITHIN."""
+    hidden = b"0000000000000000 A a\n0000000000000000 T b\n0000000000000000 t c\t[m]\n"
+    shown = (b"0000000000000000 A a\n0000000000001000 A b\nffffffff81000000 T c\n"
+             b"ffffffffc0000000 t d\t[m]\n")
+    assert unchanging_span(hidden) == (0, 0)
+    assert unchanging_span(shown) == (42, 63) and shown[42:63] == b"ffffffff81000000 T c\n"
+    assert unchanging_span(shown[:63]) == (42, 63)  # no modules: the kernel part is all
+    assert unchanging_span(b"0000000000000000 A a\nffffffffc0000000 t d\t[m]\n") == (0, 0)
+    assert unchanging_span(b"00000000 A a\n0000000c A b\nc1000000 T c\n") == (26, 39)
+    late = b"0000000000000000 A z\n" * (SHOWN_WITHIN // 21 + 1) + shown[21:]
+    assert unchanging_span(late) == (0, 0)
+
+
+def _kernel_first(tmp_path, text: str, first: bool = True) -> Sources:
+    (tmp_path / "k").write_text(text)
+    return Sources(str(tmp_path / "k"), None, kernel_first=first)
+
+
+def test_snapshot_compares_only_what_may_change_in_a_kernel_first_source(tmp_path):
+    """A kernel-first source (/proc/kallsyms): once a reading equals the previous one up
+    to its first shown address, the kernel's own symbols are not compared: a file whose
+    kernel part changed (no kernel's can) gives the previous snapshot back, which shows
+    they were skipped. Everything else is compared: a change before that line, in a
+    module's line, a reading that hides addresses, and any source not kernel-first."""
+    kern = _kallsyms(20_000, "before")
+    src = _kernel_first(tmp_path, kern)
+    buf = ReadBuffer()
+    prev = take_snapshot(src, keep_raw=True, buffer=buf)
+    assert prev.unchanging == (len(kern.split("\n")[0]) + 1, kernel_end(prev.raw))
+    renamed = kern.replace(" k0012345\n", " x0012345\n")
+    (tmp_path / "k").write_text(renamed)
+    assert take_snapshot(src, previous=prev, keep_raw=True, buffer=buf) is prev
+    others = [kern.replace("T k0000000\n", "t k0000000\n"),          # before the line
+              kern.replace(" before\t[m]", " after\t[m]"),          # a module's line
+              kern.replace("ffffffff81", "0000000000").replace("ffffffffc0", "0000000000"),
+              kern + "ffffffffc0001000 t more\t[m]\n"]                 # one more line
+    for text in others:
+        assert text != kern
+        (tmp_path / "k").write_text(text)
+        got = take_snapshot(src, previous=prev, keep_raw=True, buffer=buf)
+        assert got is not prev and got.raw == text.encode()
+    (tmp_path / "k").write_text(renamed)
+    plain = _kernel_first(tmp_path, renamed, first=False)
+    got = take_snapshot(plain, previous=prev, keep_raw=True, buffer=buf)
+    assert got is not prev and got.raw == renamed.encode()
+    assert take_snapshot(src, previous=got, keep_raw=True, buffer=buf) is got
 
 
 # -- the rule ----------------------------------------------------------------------------
