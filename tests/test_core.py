@@ -413,7 +413,7 @@ def test_read_buffer_compares_with_the_previous_reading_as_it_reads(tmp_path):
     the new bytes, wherever they first differ (first byte, inside a step, at a step's
     edge, the last byte, longer, shorter, empty); the cap still holds; progress is told
     each read at once, also for the read that differs."""
-    from ksymsfs.freshness import STEP
+    from ksymsfs.freshness import READ_BUFFER, STEP
     from ksymsfs.readfile import ReadBuffer, read_regular
     from tests.test_freshness import Log  # a ReadProgress that keeps every advance
     old = os.urandom(3 * STEP + 777)
@@ -424,6 +424,7 @@ def test_read_buffer_compares_with_the_previous_reading_as_it_reads(tmp_path):
     assert read_regular(str(f), into=buf, expect=expect) is expect
     flip = lambda b, i: b[:i] + bytes([b[i] ^ 1]) + b[i + 1:]  # noqa: E731
     cases = [flip(old, 0), flip(old, 5), flip(old, STEP - 1), flip(old, STEP),
+             flip(old, READ_BUFFER - 1), flip(old, READ_BUFFER), flip(old, READ_BUFFER + 1),
              flip(old, 2 * STEP + 3), flip(old, len(old) - 1), old + b"x", old[:-1],
              old[:STEP], old[:2 * STEP + 1], b"", old + os.urandom(4 * STEP)]
     for new in cases:
