@@ -63,6 +63,18 @@ def user_namespace(pid: int | str, procfs: str = "/proc") -> str | None:
         return None
 
 
+def _status_field(status: bytes, name: bytes) -> bytes:
+    """The value of ``Name:`` at the start of a line of /proc/<pid>/status (the kernel
+    escapes newlines in the one free-text field, the task name); ValueError if absent."""
+    key = b"\n" + name + b":"
+    i = status.find(key)
+    if i < 0:
+        raise ValueError(f"no {name.decode()} field")
+    i += len(key)
+    j = status.find(b"\n", i)
+    return status[i:j] if j >= 0 else status[i:]
+
+
 def process_creds(pid: int, procfs: str = "/proc",
                   init_userns: str | None = None) -> ProcessCreds | None:
     """Thread id -> thread group, effective uid, CAP_SYSLOG as the kernel sees it. None if
@@ -72,13 +84,12 @@ def process_creds(pid: int, procfs: str = "/proc",
     status = read_small(os.path.join(procfs, str(pid), "status"))
     if status is None:
         return None
-    text = status.decode("ascii", "replace")
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    try:
-        tgid = int(fields["Tgid"])
-        euid = int(fields["Uid"].split()[1])
-        capeff = int(fields["CapEff"].strip(), 16)
-    except (KeyError, ValueError, IndexError):
+    status = b"\n" + status  # every field, the first too, follows a newline
+    try:  # three fields found by name (splitting all ~55 lines cost 12 us of every open)
+        tgid = int(_status_field(status, b"Tgid"))
+        euid = int(_status_field(status, b"Uid").split()[1])
+        capeff = int(_status_field(status, b"CapEff"), 16)
+    except (ValueError, IndexError):
         return None
     ns = user_namespace(pid, procfs)
     if init_userns is None:

@@ -62,6 +62,35 @@ def test_process_creds_reads_tgid_and_cap_syslog(tmp_path):
     assert process_creds(999, str(tmp_path)) is None
 
 
+def test_process_creds_of_a_process_named_like_status_fields(tmp_path):
+    """A live process (not root) that names itself with status fields after a newline
+    (``/proc/self/comm``): the kernel escapes the newline in ``Name:``, so its own
+    Tgid, Uid and CapEff are read, not the forged ones; a truncated or field-less status
+    gives None."""
+    import subprocess
+    import sys
+    uid = 65534 if os.geteuid() == 0 else os.geteuid()
+    code = ("import os,sys; open('/proc/self/comm','w').write('a\\nTgid:\\t1\\nUid:\\t0'); "
+            f"os.setgid({uid}) if {uid} == 65534 else 0; os.setuid({uid}); "
+            "print('ok', flush=True); sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ok"
+        assert b"Tgid:" in open(f"/proc/{p.pid}/comm", "rb").read()  # the name is there
+        c = process_creds(p.pid)
+        assert (c.tgid, c.uid, c.cap_syslog) == (p.pid, uid, False)
+    finally:
+        p.stdin.close()
+        p.wait(10)
+    fake_proc(tmp_path, 401, 400, 0, 1 << 34)
+    status = (tmp_path / "401" / "status").read_text()
+    for broken in (status.replace("CapEff", "CapEf"), status.replace("\nUid:", "\nUid"),
+                   status[:status.index("CapEff") + 8], "Tgid:\tx\n" + status[14:], ""):
+        (tmp_path / "401" / "status").write_text(broken)
+        assert process_creds(401, str(tmp_path)) is None, broken
+
+
 def test_cap_syslog_counts_only_in_the_initial_user_namespace(tmp_path):
     """CapEff is relative to the process's own namespace; the kernel asks in the initial
     one (security_capable(cred, &init_user_ns, CAP_SYSLOG))."""
