@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import Protocol
 
-STEP = 256 << 10        # bytes per read call while a reading is tracked
+STEP = 256 << 10        # bytes a tracked reading may have received beyond what it told
 READ_BUFFER = 64 << 10  # the reader's own buffer (io.BufferedReader) while tracked
 SEQ_SLACK = 64 << 10    # seq_file's buffer: a page (it grows only for a longer record)
 AHEAD = STEP + READ_BUFFER + SEQ_SLACK

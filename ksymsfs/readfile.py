@@ -108,10 +108,10 @@ class ReadBuffer:
         if expect is not None:
             pos, differs = self._compare(fd, path, expect, progress, unchecked)
             a, b = unchecked
-            if differs is None and a < pos <= b and pos != len(expect):
+            if differs is None and a < pos < b:
                 # it ended inside the span that cannot change: not the file the caller
                 # said, so its unchecked bytes may not be expect's; read it again, all
-                # of it compared
+                # of it compared (ending at ``b``, where modules would begin, is normal)
                 _rewind(fd, path)
                 return self.read_fd(fd, path, max_bytes, progress, expect)
             if differs is None and pos == len(expect):

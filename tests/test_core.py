@@ -468,6 +468,9 @@ def test_read_buffer_leaves_the_unchecked_span_uncompared(tmp_path):
     f.write_bytes(flip(old, a + 3)[:b - 5])  # ends inside: the change is seen too
     got = read_regular(str(f), into=buf, expect=expect, unchecked=(a, b))
     assert bytes(got) == flip(old, a + 3)[:b - 5]
+    f.write_bytes(flip(old, a + 3)[:b])  # ends where the span does (modules all gone):
+    got = read_regular(str(f), into=buf, expect=expect, unchecked=(a, b))
+    assert bytes(got) == old[:b]  # normal, so the span is vouched for, not read again
 
 
 def test_plain_read_of_a_sized_file_is_one_read_and_exact(tmp_path, monkeypatch):
