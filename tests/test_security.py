@@ -38,29 +38,41 @@ def _need_fuse():
 
 
 # -- running a step list in a forked child -------------------------------------------------
-def in_child(fn: Callable[[], object], timeout: float = 60) -> object:
+class Child:
+    """``fn()`` running in a child forked now: fork before starting any thread (a fork
+    from a threaded process may deadlock, and Python 3.12+ warns), wait with ``result``."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        r, w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(r)
+            try:
+                out: object = ("ok", fn())
+            except OSError as e:
+                out = ("oserror", e.errno)
+            except BaseException as e:  # noqa: BLE001
+                out = ("error", repr(e))
+            os.write(w, pickle.dumps(out))
+            os._exit(0)
+        os.close(w)
+        self._r = r
+
+    def result(self) -> object:
+        """Its result (or the OSError it raised)."""
+        with os.fdopen(self._r, "rb") as f:
+            data = f.read()
+        _, status = os.waitpid(self.pid, 0)
+        assert data, f"child died: status {status}"
+        kind, val = pickle.loads(data)
+        if kind == "error":
+            raise AssertionError(f"child failed: {val}")
+        return OSError(val, os.strerror(val)) if kind == "oserror" else val
+
+
+def in_child(fn: Callable[[], object]) -> object:
     """``fn()`` in a forked child; its result (or the OSError it raised) comes back."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            out: object = ("ok", fn())
-        except OSError as e:
-            out = ("oserror", e.errno)
-        except BaseException as e:  # noqa: BLE001
-            out = ("error", repr(e))
-        os.write(w, pickle.dumps(out))
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert data, f"child died: status {status}"
-    kind, val = pickle.loads(data)
-    if kind == "error":
-        raise AssertionError(f"child failed: {val}")
-    return OSError(val, os.strerror(val)) if kind == "oserror" else val
+    return Child(fn).result()
 
 
 def become_nobody() -> None:
@@ -198,17 +210,14 @@ def test_descriptor_passed_over_scm_rights_reads_the_openers_snapshot(public_dir
         b.recv(1)  # root has closed its copy
         time.sleep(0.2)
         return passed, device_shows(str(m.path))
-    box: list = []
     try:  # the child is forked before the open, so it holds only what it is sent
-        t = threading.Thread(target=lambda: box.append(in_child(receiver)))
-        t.start()
+        child = Child(receiver)
         assert a.recv(1) == b"r"
         fd = os.open(m.path, os.O_RDONLY)
         a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
         os.close(fd)
         a.send(b"c")
-        t.join(60)
-        assert box == [(True, False)]
+        assert child.result() == (True, False)
     finally:
         a.close()
         b.close()
@@ -255,20 +264,17 @@ def test_mapping_held_across_a_module_unload_survives_others_stat(tmp_path):
         return size, len(own), bytes(tail) if mm[:] == own else b"DIFFERENT"
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
-    box: list = []
     try:
-        t = threading.Thread(target=lambda: box.append(in_child(lambda: holder(ready_w,
-                                                                                go_r))))
-        t.start()
+        held = Child(lambda: holder(ready_w, go_r))
         assert os.read(ready_r, 1) == b"r"
         _big_then_small(src)
         new = in_child(lambda: (os.stat(m.path).st_size,
                                 len(open(m.path, "rb").read()),
                                 os.stat(m.path).st_size))
         os.write(go_w, b"g")
-        t.join(60)
-        assert len(box) == 1 and isinstance(box[0], tuple), box
-        size, nread, tail = box[0]
+        got = held.result()
+        assert isinstance(got, tuple), got
+        size, nread, tail = got
         assert size == nread and tail != b"DIFFERENT"
         assert new == (size, size, size)  # the served size did not drop under the mapping
         # after everyone closed, the size follows the latest snapshot again (once the
@@ -346,9 +352,8 @@ def test_readelf_as_root_survives_nobody_stat_loop_under_churn(public_dir):
     def stat_loop() -> int:  # stats, and now and then an open that builds a snapshot
         # an open may fail only as held by root (EBUSY) or caught mid-churn (ENXIO)
         return nobody_stat_loop(m.path, 20, (errno.EBUSY, errno.ENXIO))
-    box: list = []
-    threads = [threading.Thread(target=churn),
-               threading.Thread(target=lambda: box.append(in_child(stat_loop)))]
+    looper = Child(stat_loop)  # forked before the churn thread starts
+    threads = [threading.Thread(target=churn)]
     try:
         for t in threads:
             t.start()
@@ -366,8 +371,11 @@ def test_readelf_as_root_survives_nobody_stat_loop_under_churn(public_dir):
         stop.set()
         for t in threads:
             t.join(30)
-        m.stop()
-    assert box and box[0] > 0
+        try:
+            loops = looper.result()
+        finally:
+            m.stop()
+    assert loops > 0
 
 
 # -- one open per process, robustly ------------------------------------------------------
