@@ -416,3 +416,30 @@ def test_live_crowd_shares_the_reading_in_flight(monkeypatch):
             assert out[0] is out[1]
             return
     pytest.fail("no second opener arrived early in a reading in 20 tries")
+
+
+def test_live_readings_across_a_kptr_restrict_change_are_compared():
+    """The live kernel: the kernel's own symbols are skipped only between readings that
+    both show addresses. kptr_restrict=2 (addresses hidden even from root) gives a new,
+    all-zero snapshot; restoring it gives the shown one back as a new snapshot; two
+    readings in a row of an unchanged kernel give the same one (the skip in use)."""
+    knob = Path("/proc/sys/kernel/kptr_restrict")
+    src, buf = Sources.live(), ReadBuffer()
+    old = knob.read_text().strip()
+    shown = take_snapshot(src, keep_raw=True, buffer=buf)
+    assert not shown.all_zero and shown.unchanging[1] > shown.unchanging[0] > 0
+    for _ in range(3):  # (a module or eBPF program may come meanwhile: then once more)
+        nxt = take_snapshot(src, previous=shown, keep_raw=True, buffer=buf)
+        if nxt is shown:
+            break
+        shown = nxt
+    assert nxt is shown
+    try:
+        knob.write_text("2")
+        hidden = take_snapshot(src, previous=shown, keep_raw=True, buffer=buf)
+    finally:
+        knob.write_text(old)
+    assert hidden is not shown and hidden.all_zero and hidden.unchanging == (0, 0)
+    again = take_snapshot(src, previous=hidden, keep_raw=True, buffer=buf)
+    assert again is not hidden and not again.all_zero
+    assert again.raw[:again.kernel_end] == shown.raw[:shown.kernel_end]
