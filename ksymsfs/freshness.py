@@ -10,7 +10,8 @@ it would also have given had it begun then. Its consistency signals (both module
 the uevent seqnum, eBPF ids) still judge the reading as a whole, as for every reading.
 
 Two more conditions keep it exact. The reading must show addresses: whether it does was
-decided when it opened kallsyms (``kptr_restrict``, before the arrival); each opener's
+decided when it opened kallsyms (``kptr_restrict``, before the arrival; Linux 4.15+, so a
+live source is kernel-first only there: ``shows_per_open``); each opener's
 own address policy is decided at its own open anyway. And the bytes the kernel may have
 generated before the arrival reach at most ``AHEAD`` beyond what the reader had received
 (the read in progress, the reader's buffer, seq_file's page).
@@ -66,6 +67,15 @@ def kernel_end(raw: bytes) -> int:
     kernel's own never hold a tab), or its length."""
     tab = raw.find(b"\t")
     return len(raw) if tab < 0 else raw.rfind(b"\n", 0, tab) + 1
+
+
+def shows_per_open(release: str) -> bool:
+    """Whether a kernel of this ``uname -r`` decides once per open of kallsyms if its
+    addresses print (``kallsyms_open`` calls ``kallsyms_show_value``, Linux 4.15+; before,
+    ``%pK`` decided line by line, so one reading could switch mid-way). Both rules here
+    rest on it."""
+    m = re.match(r"(\d+)\.(\d+)", release)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (4, 15)
 
 
 _SHOWN = re.compile(rb"^0*[1-9a-fA-F][0-9a-fA-F]* ", re.M)  # a line with an address > 0

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from . import consistency
 from .digest import sha256
 from .errors import KsymsError, ParseError, SnapshotError
-from .freshness import ReadProgress, kernel_end, unchanging_span
+from .freshness import ReadProgress, kernel_end, shows_per_open, unchanging_span
 from .kallsyms import SymbolTable, is_pseudo_module, parse_kallsyms
 from .notes import Notes, read_notes
 from .readfile import DEFAULT_MAX_READ, ReadBuffer, read_regular
@@ -115,7 +115,7 @@ class Sources:
         return cls(os.path.join(procfs, "kallsyms"), os.path.join(procfs, "modules"),
                    os.path.join(sysfs, "module"), os.path.join(sysfs, "kernel", "notes"),
                    seqnum=os.path.join(sysfs, "kernel", "uevent_seqnum"), bpf_ids=True,
-                   kernel_first=True)
+                   kernel_first=shows_per_open(os.uname().release))
 
 
 @dataclass

@@ -22,6 +22,7 @@ from ksymsfs.freshness import (
     KernelFirstJoin,
     ReadProgress,
     kernel_end,
+    shows_per_open,
     unchanging_span,
 )
 from ksymsfs.readfile import ReadBuffer, read_regular
@@ -59,6 +60,15 @@ def test_unchanging_span_starts_after_the_first_address_shown():
     assert unchanging_span(b"00000000 A a\n0000000c A b\nc1000000 T c\n") == (26, 39)
     late = b"0000000000000000 A z\n" * (SHOWN_WITHIN // 21 + 1) + shown[21:]
     assert unchanging_span(late) == (0, 0)
+
+
+def test_kernel_first_only_where_kallsyms_decides_per_open():
+    """Both rules rest on kallsyms deciding once per open whether addresses print (Linux
+    4.15+): an older kernel's live source is not kernel-first; this machine's is."""
+    older = ("4.14.336", "3.10.0-1160.el7.x86_64", "", "x")
+    for release in ("4.15.0-20-generic", "6.18.0-1-amd64", "10.0", *older):
+        assert shows_per_open(release) is (release not in older), release
+    assert Sources.live().kernel_first is shows_per_open(os.uname().release) is True
 
 
 def _kernel_first(tmp_path, text: str, first: bool = True) -> Sources:
