@@ -82,7 +82,7 @@ _SHOWN = re.compile(rb"^0*[1-9a-fA-F][0-9a-fA-F]* ", re.M)  # a line with an add
 SHOWN_WITHIN = 64 << 10  # how far into a reading that line is looked for
 
 
-def unchanging_span(raw: bytes) -> tuple[int, int]:
+def unchanging_span(raw: bytes, end: int | None = None) -> tuple[int, int]:
     """(a, b): a later reading whose first ``a`` bytes equal this one's has the same bytes
     in ``[a, b)`` too, so they need no comparing (readfile.ReadBuffer.read_fd).
 
@@ -90,8 +90,9 @@ def unchanging_span(raw: bytes) -> tuple[int, int]:
     print the same unless one reading shows addresses and the other does not (decided
     once per open of kallsyms). ``a`` ends the first line with an address other than 0:
     a reading equal to this one up to there shows addresses, as this one did. (0, 0)
-    when no such line comes within SHOWN_WITHIN bytes (this reading hid addresses)."""
-    end = kernel_end(raw)
+    when no such line comes within SHOWN_WITHIN bytes (this reading hid addresses).
+    ``end``: ``kernel_end(raw)`` if the caller has it."""
+    end = kernel_end(raw) if end is None else end
     m = _SHOWN.search(raw, 0, min(end, SHOWN_WITHIN))
     if m is None:
         return 0, 0

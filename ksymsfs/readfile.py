@@ -147,7 +147,7 @@ class ReadBuffer:
         a, b = unchecked
         pos = told = 0
         while True:
-            try:
+            try:  # _readinto's wrapping, inline: one call less in a loop of ~1,300
                 n = read(mv)
             except OSError as e:
                 raise SourceError(f"{path}: cannot read: {e.strerror}") from None

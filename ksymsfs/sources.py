@@ -156,7 +156,7 @@ class Snapshot:
     @functools.cached_property
     def unchanging(self) -> tuple[int, int]:
         """The span of ``raw`` a later reading need not compare (freshness.unchanging_span)."""
-        return unchanging_span(self.raw)
+        return unchanging_span(self.raw, self.kernel_end)
 
     @property
     def all_zero(self) -> bool:
@@ -210,7 +210,7 @@ def take_snapshot(src: Sources,
             progress.start_try(tries)
         before = consistency.read_signals(src.seqnum, src.bpf_ids)
         m1 = _read_modules(src)
-        expect = previous.raw if previous is not None and buffer is not None else b""
+        expect = previous.raw if previous is not None and buffer is not None else None
         kdata = _read(src.kallsyms, max_bytes=src.max_read, into=buffer, progress=progress,
                       expect=expect or None,
                       unchecked=previous.unchanging if expect and src.kernel_first
