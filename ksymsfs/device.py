@@ -263,6 +263,10 @@ class Device:
         self.on_served: Callable[[int], None] | None = None  # the served size grew
         self.passthrough = False  # the adapter sets it once the kernel agreed (see
         #                           _choose_cache): then no open uses the page cache
+        # the adapter sets it when it asks the kernel for no FLUSH at close
+        # (FOPEN_NOFLUSH): (tgid, tid) -> whether the process still has a descriptor of
+        # the device (holders.holds_descriptor); only RELEASE then says a handle closed
+        self.holds: Callable[[int, int], bool] | None = None
 
     # -- snapshots -------------------------------------------------------------------
     def _read_sources(self, progress: ReadProgress | None = None) -> Snapshot:
@@ -366,7 +370,7 @@ class Device:
             if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
                 raise DeviceError(errno.EROFS, "read-only device")
             creds = self._creds(tid)
-            return self._open(creds)
+            return self._open(creds, tid)
         except (KsymsError, MemoryError) as e:
             err = getattr(e, "errno", errno.ENOMEM)
             log.info("open refused: pid %d uid %s: %s: %s", tid,
@@ -374,7 +378,7 @@ class Device:
                      redact(str(e) or type(e).__name__))
             raise
 
-    def _open(self, creds: ProcessCreds) -> int:
+    def _open(self, creds: ProcessCreds, tid: int = 0) -> int:
         show = kallsyms_show_value(read_sysctls(self.sysctl_dir), creds.cap_syslog)
         # a quarter of the in-progress slots is kept for openers who may see addresses
         limit = self.max_pending if show else max(1, self.max_pending * 3 // 4)
@@ -384,7 +388,7 @@ class Device:
                                   "progress (--max-pending)")
             self._pending += 1
         try:
-            fh, shared = self._admit(creds.tgid, show)
+            fh, shared = self._admit(creds.tgid, show, tid or creds.tgid)
             if shared:
                 return fh
             try:
@@ -404,19 +408,35 @@ class Device:
             with self._lock:
                 self._pending -= 1
 
-    def _held_by(self, tgid: int, show: bool) -> Handle | None:
+    def _closed(self, tgid: int, tid: int) -> frozenset[int]:
+        """Without FLUSH (``holds``): the process's handles not known closed, if it has no
+        descriptor of the device left (it closed it: the RELEASE is on its way, or a
+        mapping, a child or a passed descriptor holds the open). For this open they count
+        as flushed; nothing is marked (a handle whose descriptor the kernel has yet to
+        install in a racing thread's table is not flushed for good)."""
+        if self.holds is None:
+            return frozenset()
+        with self._lock:
+            fhs = frozenset(fh for fh in self._by_tgid.get(tgid, ())
+                            if not self._handles[fh].flushed)
+        if not fhs or self.holds(tgid, tid):
+            return frozenset()
+        return fhs
+
+    def _held_by(self, tgid: int, show: bool, closed: frozenset[int]) -> Handle | None:
         """The process's open (not closed) handle whose snapshot a second open may share."""
         for fh in self._by_tgid.get(tgid, ()):
             h = self._handles[fh]
-            if not h.flushed and h.show_addresses == show and h.image:
+            if not h.flushed and fh not in closed and h.show_addresses == show and h.image:
                 return h
         return None
 
-    def _refusal(self, tgid: int, show: bool) -> tuple[int, str, bool] | None:
+    def _refusal(self, tgid: int, show: bool,
+                 closed: frozenset[int]) -> tuple[int, str, bool] | None:
         """Why ``tgid`` may not open now: (errno, reason, worth waiting for a RELEASE)."""
         fhs = self._by_tgid.get(tgid)
         if fhs:
-            if any(not self._handles[fh].flushed for fh in fhs):
+            if any(not self._handles[fh].flushed and fh not in closed for fh in fhs):
                 return errno.EBUSY, f"process {tgid} already has it open", False
             return (errno.EBUSY, f"process {tgid} still holds its previous open "
                     "(a duplicated or passed descriptor, a child, or a mapping)", True)
@@ -429,7 +449,9 @@ class Device:
             return errno.EBUSY, "a process that may see addresses is waiting", False
         if len(self._handles) >= self.max_open:
             # some may be closed already, their RELEASE (asynchronous) not here yet: wait
-            closing = any(h.flushed for h in self._handles.values())
+            # (without FLUSH, any may be)
+            closing = self.holds is not None or any(h.flushed
+                                                    for h in self._handles.values())
             return (errno.ENOMEM, f"{self.max_open} snapshots already open (--max-open)",
                     closing)
         return None
@@ -442,20 +464,21 @@ class Device:
         self._handles[fh] = Handle(tgid, image, show)
         return fh
 
-    def _admit(self, tgid: int, show: bool) -> tuple[int, bool]:
+    def _admit(self, tgid: int, show: bool, tid: int) -> tuple[int, bool]:
         """Reserve the process's slot, waiting up to ``open_wait`` for RELEASEs; or, for a
         process that holds a snapshot (``reopen="share"``), a handle on that one:
         (fh, shared)."""
         deadline = time.monotonic() + self.open_wait
+        closed = self._closed(tgid, tid)
         with self._cond:
-            held = self._held_by(tgid, show) if self.reopen == "share" else None
+            held = self._held_by(tgid, show, closed) if self.reopen == "share" else None
             if held is not None:  # same bytes, no new read, no new memory
                 fh = self._new_handle(tgid, held.image, show)
                 self._choose_cache(fh)
                 return fh, True
             queued = False
             try:
-                while (why := self._refusal(tgid, show)) is not None:
+                while (why := self._refusal(tgid, show, closed)) is not None:
                     err, reason, wait = why
                     left = deadline - time.monotonic()
                     if not wait or left <= 0:
@@ -611,7 +634,9 @@ class Device:
 
     def flush(self, fh: int, tid: int) -> None:
         """close() of a descriptor by the owner: its slot frees at RELEASE, which comes when
-        the last descriptor and mapping are gone (the next open waits briefly for it)."""
+        the last descriptor and mapping are gone (the next open waits briefly for it).
+        Only where the kernel sends FLUSH: not once the adapter asked for none (``holds``)
+        on Linux 5.16+."""
         with self._lock:
             h = self._handles.get(fh)
             if not tid or h is None or h.flushed:

@@ -21,7 +21,9 @@ from fuse import FUSE, FuseOSError, Operations, fuse_file_info, fuse_get_context
 from .backing import BackingFile
 from .device import Device, redact
 from .errors import KsymsError
+from .holders import holds_descriptor
 from .malloc import tune_malloc
+from .mountpoint import mounted_dev
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +226,7 @@ class Notifier:
 FUSE_OPEN, FUSE_INIT = 14, 26                  # opcodes
 FUSE_INIT_EXT = 1 << 30                        # fuse_init_in/out.flags: flags2 is valid
 FUSE_PASSTHROUGH = 1 << (37 - 32)              # in flags2
+FOPEN_NOFLUSH = 1 << 5                         # close() sends no FLUSH (Linux 5.16+)
 FOPEN_PASSTHROUGH = 1 << 7
 FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501         # _IOW(229, 1, struct fuse_backing_map)
 FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502        # _IOW(229, 2, uint32_t)
@@ -261,14 +264,16 @@ def may_passthrough(procfs: str = "/proc") -> bool:
 
 
 class Passthrough:
-    """FUSE passthrough with libfuse 2.9, which predates it: the replies to INIT and OPEN
-    go out through a channel of ours (``fuse_chan_new``) whose ``send`` asks for
-    passthrough in the INIT reply (when the kernel offers it) and names each open's
-    backing file (a memfd of its image, registered with FUSE_DEV_IOC_BACKING_OPEN) in its
-    OPEN reply. Every other reply goes through libfuse's own channel untouched."""
+    """FUSE passthrough and FOPEN_NOFLUSH with libfuse 2.9, which predates both: the
+    replies to INIT and OPEN go out through a channel of ours (``fuse_chan_new``) whose
+    ``send`` asks for passthrough in the INIT reply (when ``wanted`` and the kernel offers
+    it), names each open's backing file (a memfd of its image, registered with
+    FUSE_DEV_IOC_BACKING_OPEN) in its OPEN reply, and asks for no FLUSH at close
+    (``noflush``: the device then tells a reopen from a second open by the caller's fd
+    table, holders.py). Every other reply goes through libfuse's own channel untouched."""
 
-    def __init__(self, device: Device, wanted: bool):
-        self.device, self.wanted = device, wanted
+    def __init__(self, device: Device, wanted: bool, noflush: bool = False):
+        self.device, self.wanted, self.noflush = device, wanted, noflush
         self._lock = threading.Lock()
         # id(image) -> (its file, backing id, the value of _made when it was made)
         self._files: dict[int, tuple[BackingFile, int, int]] = {}
@@ -286,9 +291,23 @@ class Passthrough:
         """The kernel agreed at INIT and has not refused a backing file since."""
         return self.device.passthrough
 
-    def attach(self, lib: ctypes.CDLL, ch: int) -> None:
-        """Make our channel on libfuse's /dev/fuse descriptor (``ch``: its channel)."""
-        if not self.wanted:
+    def attach(self, lib: ctypes.CDLL, ch: int, mountpoint: str = "") -> None:
+        """Make our channel on libfuse's /dev/fuse descriptor (``ch``: its channel); with
+        ``noflush``, give the device its descriptor check for the mount at ``mountpoint``
+        (no FLUSH is asked for if that mount's device number cannot be found)."""
+        if self.noflush:
+            # as libfuse mounted it (fuse_setup resolved it; resolving it again would
+            # stat our own mount before any worker can answer)
+            dev = mounted_dev(mountpoint) if mountpoint else None
+            if dev is None:
+                log.info("%s: mount not found in mountinfo; close() keeps its FLUSH",
+                         mountpoint)
+                self.noflush = False
+            else:
+                procfs = self.device.procfs
+                self.device.holds = lambda tgid, tid: holds_descriptor((tgid, tid), dev,
+                                                                       procfs)
+        if not (self.wanted or self.noflush):
             return
         lib.fuse_chan_fd.argtypes = [ctypes.c_void_p]
         lib.fuse_chan_new.restype = ctypes.c_void_p
@@ -307,8 +326,9 @@ class Passthrough:
             length = ctypes.c_uint32.from_address(addr).value
             flags, flags2 = struct.unpack_from("=II", ctypes.string_at(
                 addr + IN_HEADER + 12, 8)) if length >= IN_HEADER + 20 else (0, 0)
-            self._offered = bool(flags & FUSE_INIT_EXT and flags2 & FUSE_PASSTHROUGH)
-            if not self._offered:
+            self._offered = self.wanted and bool(flags & FUSE_INIT_EXT
+                                                 and flags2 & FUSE_PASSTHROUGH)
+            if self.wanted and not self._offered:
                 log.info("FUSE passthrough: not offered by this kernel (6.9+ with "
                          "CONFIG_FUSE_PASSTHROUGH); reads go through the page cache")
         self._tls.opcode = opcode
@@ -322,6 +342,8 @@ class Passthrough:
                     return self._send_init(iov)
                 if op == FUSE_OPEN:
                     self._name_backing(iov[1].base)
+                    if self.noflush:
+                        ctypes.c_uint32.from_address(iov[1].base + 8).value |= FOPEN_NOFLUSH
             if self._libc.writev(self._fd, iov, count) < 0:
                 return -ctypes.get_errno()
             return 0
@@ -491,7 +513,8 @@ class _PooledLibfuse:
         if self.notifier is not None:
             self.notifier.attach(lib, ch)
         if self.passthrough is not None:
-            self.passthrough.attach(lib, ch)
+            self.passthrough.attach(lib, ch, mnt.value.decode(errors="surrogateescape")
+                                    if mnt.value else "")
         signal.signal(signal.SIGUSR1, lambda *_: None)  # only to interrupt a worker's read
         workers = [threading.Thread(target=self._work, args=(se, ch), daemon=True,
                                     name=f"fuse-{i}") for i in range(self.threads)]
@@ -539,7 +562,7 @@ def serve(device: Device, mountpoint: str, *, allow_other: bool = False, debug: 
     """Run the FUSE loop in the foreground until unmounted or SIGINT/SIGTERM (libfuse then
     unmounts); mount.py daemonizes before calling this. ``passthrough``: use FUSE
     passthrough where the kernel offers it and we may (see Passthrough)."""
-    through = Passthrough(device, passthrough and may_passthrough())
+    through = Passthrough(device, passthrough and may_passthrough(), noflush=True)
     if passthrough and not through.wanted:
         log.info("FUSE passthrough: needs CAP_SYS_ADMIN (root); reads go through the "
                  "page cache")

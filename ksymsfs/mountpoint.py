@@ -31,18 +31,31 @@ def _unescape(field: str) -> str:
                 .replace("\\134", "\\")
 
 
-def mounted_fstype(path: str, mountinfo: str = MOUNTINFO) -> str | None:
-    """File system type of the topmost mount at ``path`` (already canonical), or None."""
-    fstype = None
+def _topmost(path: str, mountinfo: str) -> list[str] | None:
+    """The mountinfo fields of the topmost mount at ``path`` (already canonical), or None."""
+    found = None
     try:
         with open(mountinfo) as f:
             for line in f:
                 fields = line.split()
-                if _unescape(fields[4]) == path and " - " in line:
-                    fstype = line.split(" - ", 1)[1].split()[0]
+                if len(fields) > 4 and _unescape(fields[4]) == path and " - " in line:
+                    found = fields
     except OSError:
         return None
-    return fstype
+    return found
+
+
+def mounted_fstype(path: str, mountinfo: str = MOUNTINFO) -> str | None:
+    """File system type of the topmost mount at ``path`` (already canonical), or None."""
+    fields = _topmost(path, mountinfo)
+    return None if fields is None else fields[fields.index("-", 6) + 1]
+
+
+def mounted_dev(path: str, mountinfo: str = MOUNTINFO) -> str | None:
+    """``major:minor`` of the topmost mount at ``path`` (already canonical), or None: its
+    superblock's device, the same in every mount namespace and bind mount."""
+    fields = _topmost(path, mountinfo)
+    return None if fields is None else fields[2]
 
 
 def check_file_type(path: str) -> bool:

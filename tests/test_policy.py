@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import pwd
+import subprocess
 import sys
 import threading
 import time
@@ -212,6 +213,76 @@ def test_full_table_waits_for_the_release_of_a_closed_open(tmp_path):
     t.join(30)
     assert len(got) == 1 and dev.open_count() == 1
     dev.release(got[0])
+
+
+def test_without_flush_the_callers_fd_table_tells_a_reopen_from_a_second_open(tmp_path):
+    """With FOPEN_NOFLUSH the kernel sends no FLUSH: a process that still has a
+    descriptor (``holds``) shares its snapshot; one that closed it gets a fresh snapshot
+    once the RELEASE comes (waiting for it, not handed the old one), or EBUSY while a
+    mapping, a child or a passed descriptor keeps the open alive."""
+    ks = tmp_path / "kallsyms"
+    ks.write_text(KS)
+    proc = tmp_path / "proc"
+    fake_proc(proc, 10, 10, 0, 1 << 34)
+    fake_proc(proc, 11, 10, 0, 1 << 34)
+    dev = Device(Sources(str(ks), None), procfs=str(proc), open_wait=0.3)
+    asked, holding = [], [True]
+    dev.holds = lambda tgid, tid: asked.append((tgid, tid)) or holding[0]
+    a = dev.open(10, os.O_RDONLY)
+    assert asked == []  # nothing held: no fd table read
+    ks.write_text(KS + "ffffffff82000000 T late\n")  # the kernel moved on
+    b = dev.open(11, os.O_RDONLY)  # a second open from a thread: shared
+    assert dev.image_of(b) is dev.image_of(a) and asked == [(10, 11)]
+    dev.release(b)
+    holding[0] = False  # closed, the RELEASE not yet here (or a mapping holds it)
+    with pytest.raises(DeviceError) as e:
+        dev.open(10, os.O_RDONLY)  # never the old snapshot: waits, then EBUSY
+    assert e.value.errno == errno.EBUSY
+    releaser = threading.Timer(0.05, dev.release, (a,))
+    releaser.start()
+    c = dev.open(10, os.O_RDONLY)  # the RELEASE came while it waited: fresh
+    releaser.join()
+    assert len(parse_image(dev.read(c, 1 << 24, 0))) == 101
+    dev.release(c)
+    assert dev.open_count() == 0
+
+
+def test_holds_descriptor_reads_the_fd_table_and_mountinfo(tmp_path):
+    """A descriptor counts when its mount (fdinfo's mnt_id) has the device number asked
+    for, in the process's own mountinfo; a live process, then a fake /proc."""
+    from ksymsfs.holders import holds_descriptor
+    from ksymsfs.mountpoint import mounted_dev
+    shm = mounted_dev("/dev/shm")
+    assert shm is not None
+    path = f"/dev/shm/ksymsfs-holders-{os.getpid()}"
+    with open(path, "w"):
+        pass
+    try:  # processes with nothing else open (this one may hold files in /dev/shm)
+        with open(path) as f:
+            holder = subprocess.Popen(["sleep", "60"], stdin=f)
+        other = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+        try:
+            assert holds_descriptor([holder.pid], shm)
+            assert not holds_descriptor([holder.pid], "0:999999")
+            assert not holds_descriptor([other.pid], shm)
+            assert holds_descriptor([other.pid, holder.pid], shm)
+        finally:
+            for p in (holder, other):
+                p.kill()
+                p.wait()
+    finally:
+        os.unlink(path)
+    proc = tmp_path / "proc"
+    (proc / "7" / "fdinfo").mkdir(parents=True)
+    (proc / "7" / "fdinfo" / "3").write_text("pos:\t0\nflags:\t0100000\nmnt_id:\t41\nino:\t1\n")
+    (proc / "7" / "mountinfo").write_text(
+        "41 30 0:77 / /dev/ksyms ro - fuse.ksymsfs ksymsfs ro\n"
+        "30 1 254:0 / / rw - ext4 /dev/vda rw\n")
+    assert holds_descriptor([7], "0:77", str(proc))
+    assert not holds_descriptor([7], "254:0", str(proc))
+    assert not holds_descriptor([7, 8], "0:78", str(proc))  # 8: gone
+    assert holds_descriptor([8, 7], "0:77", str(proc))
+    assert not holds_descriptor([7], "0:77", str(proc), max_fds=0)  # too many: not held
 
 
 def _become(user) -> None:

@@ -404,15 +404,39 @@ DUPS = {"dup": os.dup, "dup2": lambda fd: os.dup2(fd, 200),
 @pytest.mark.parametrize("how", sorted(DUPS))
 def test_closing_a_duplicate_does_not_free_the_slot(captured, how):
     """Before: close(dup(fd)) sent FLUSH and freed the slot: one process held 8 (up to
-    all 64) snapshots. Now the slot frees at RELEASE, when the last duplicate is gone."""
+    all 64) snapshots. Now close() sends no FLUSH (FOPEN_NOFLUSH) and the process holds
+    the slot while a descriptor of the device is left in its table: a reopen then is a
+    second open, sharing the snapshot it holds (no new read: the kernel's change is not
+    in it); the slot frees at RELEASE, when the last duplicate is gone. (With a FLUSH
+    at close the process would count as closed: EBUSY here.)"""
     fd = os.open(captured.path, os.O_RDONLY)
     try:
+        held = _fd_image(fd)
         os.close(DUPS[how](fd))
-        assert _open_errno(captured.path) == errno.EBUSY
+        _add_module(captured, "gamma")
+        again = os.open(captured.path, os.O_RDONLY)
+        try:
+            assert _fd_image(again) == held
+        finally:
+            os.close(again)
         assert os.pread(fd, 4, 0) == b"\x7fELF"
     finally:
         os.close(fd)
-    assert _open_errno(captured.path) == 0  # after the last close: promptly free
+    fd = os.open(captured.path, os.O_RDONLY)  # after the last close: promptly a fresh one
+    try:
+        assert _fd_image(fd) != held and "gamma" in parse_image(_fd_image(fd)).modules
+    finally:
+        os.close(fd)
+
+
+def _fd_image(fd: int) -> bytes:
+    return os.pread(fd, os.fstat(fd).st_size, 0)
+
+
+def _add_module(mount: Mount, name: str) -> None:
+    """The captured kernel loads module ``name`` (its sources are rewritten)."""
+    src = mount.path.parent / "src"
+    write_sources(src, ["alpha", "beta", name])
 
 
 def test_child_holding_an_inherited_descriptor_keeps_the_parents_slot(captured):
@@ -459,12 +483,44 @@ def test_passed_descriptor_keeps_the_senders_slot(captured):
 
 
 def test_mapping_kept_after_close_keeps_the_slot(captured):
+    """A mapping keeps the open alive after its last descriptor is closed: the process
+    closed it (no descriptor left in its table), so a reopen is not a second open and
+    may not share; it waits for the RELEASE and fails EBUSY while the mapping lasts.
+    (libc's mmap: Python's ``mmap.mmap`` keeps a duplicate of the descriptor.)"""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    fd = os.open(captured.path, os.O_RDONLY)
+    size = os.fstat(fd).st_size
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+    os.close(fd)
+    assert addr not in (None, ctypes.c_void_p(-1).value)
+    try:
+        assert _open_errno(captured.path) == errno.EBUSY
+        assert ctypes.string_at(addr, 4) == b"\x7fELF"
+    finally:
+        libc.munmap(addr, size)
+    assert _open_errno(captured.path) == 0
+
+
+def test_python_mmap_keeps_a_descriptor_so_a_reopen_shares(captured):
+    """Python's mmap object holds a duplicate of the descriptor: the process still has
+    the device open, and a reopen shares the snapshot it maps."""
     fd = os.open(captured.path, os.O_RDONLY)
     mm = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_PRIVATE, mmap.PROT_READ)
+    held = _fd_image(fd)
     os.close(fd)
-    assert _open_errno(captured.path) == errno.EBUSY
-    assert mm[:4] == b"\x7fELF"
-    mm.close()
+    try:
+        _add_module(captured, "gamma")
+        again = os.open(captured.path, os.O_RDONLY)
+        try:
+            assert _fd_image(again) == held == mm[:len(held)]
+        finally:
+            os.close(again)
+    finally:
+        mm.close()
     assert _open_errno(captured.path) == 0
 
 
