@@ -112,7 +112,11 @@ class Sources:
 
     @classmethod
     def live(cls, procfs: str = "/proc", sysfs: str = "/sys") -> Sources:
-        return cls(os.path.join(procfs, "kallsyms"), os.path.join(procfs, "modules"),
+        # procfs makes /proc/modules at boot, only with module support: one absent now
+        # never comes, and not trying to open it saves two failed opens per snapshot
+        modules = os.path.join(procfs, "modules")
+        return cls(os.path.join(procfs, "kallsyms"),
+                   modules if os.path.exists(modules) else None,
                    os.path.join(sysfs, "module"), os.path.join(sysfs, "kernel", "notes"),
                    seqnum=os.path.join(sysfs, "kernel", "uevent_seqnum"), bpf_ids=True,
                    kernel_first=shows_per_open(os.uname().release))
@@ -130,6 +134,8 @@ class Snapshot:
     raw_modules: bytes | None = None  # the module list) is this same kernel state
     notes: Notes | None = None  # the kernel's and modules' ELF notes (build-ids)
     tries: int = 1       # readings it took (the others were unclean)
+    bpf_ids: tuple[int, ...] | None = None  # the eBPF programs listed after the reading
+    #                                         (its [bpf] lines were checked against them)
 
     def same_reading(self, kdata: bytes | memoryview, mdata: bytes | None) -> bool:
         """The sources read exactly these bytes (a memcmp: exact, unlike a hash alone).
@@ -216,13 +222,29 @@ def take_snapshot(src: Sources,
                       unchecked=previous.unchanging if expect and src.kernel_first
                       else (0, 0))
         m2 = _read_modules(src)
-        after = consistency.read_signals(src.seqnum, src.bpf_ids, ksyms=src.bpf_ids)
+        after = consistency.read_signals(src.seqnum, src.bpf_ids)
         why = consistency.moved(before, after)
         if m1 != m2:
             why = f"{src.modules} changed while {src.kallsyms} was read"
         if why:
             continue
-        if previous is not None and previous.same_reading(kdata, m1):
+        same = previous is not None and previous.same_reading(kdata, m1)
+        if same and after.bpf_ids == previous.bpf_ids:
+            # the same bytes with the programs its [bpf] lines were checked against: the
+            # same state (their addresses are not asked for again: 3 calls a program)
+            if progress is not None:
+                progress.done(tries)
+            return previous
+        ksyms = (consistency.bpf_prog_ksyms(after.bpf_ids)
+                 if after.bpf_ids is not None else None)
+        if same:
+            # the same bytes, other programs listed: a program that left during the read
+            # can shift the [bpf] lines into exactly the previous text (a line of a
+            # program no longer listed shows it); else the same state, now with these
+            if src.strict_modules and (why := consistency.bpf_lines_problem(
+                    previous.table, ksyms)):
+                continue
+            previous.bpf_ids = after.bpf_ids
             if progress is not None:
                 progress.done(tries)
             return previous
@@ -232,7 +254,7 @@ def take_snapshot(src: Sources,
         warnings = _cross_check(table, mods, src)
         if src.strict_modules:
             why = ((warnings[0] if warnings else "") or consistency.shape_problem(table)
-                   or consistency.bpf_lines_problem(table, after.bpf_ksyms))
+                   or consistency.bpf_lines_problem(table, ksyms))
         if why:
             continue
         bases = {}
@@ -244,7 +266,8 @@ def take_snapshot(src: Sources,
         del kdata
         if progress is not None:
             progress.done(tries)
-        return Snapshot(table, mods, bases, warnings + nwarn, *raw, notes, tries)
+        return Snapshot(table, mods, bases, warnings + nwarn, *raw, notes, tries,
+                        after.bpf_ids)
     raise SnapshotError(f"no consistent snapshot after {SNAPSHOT_TRIES} tries: {why}")
 
 

@@ -238,6 +238,35 @@ def test_bpf_id_freed_before_its_line_is_caught_by_addresses(kernel, monkeypatch
     assert "bpf_prog_0123_p0" not in "".join(lines_of(snap))
 
 
+def test_an_unchanged_text_is_checked_again_only_when_other_programs_are_listed(
+        kernel, monkeypatch):
+    """The same bytes as the previous snapshot are that state again without asking for
+    any program's addresses, while the listed programs are those it was checked against.
+    Other ids (a program without a kallsyms line came): checked, then the same snapshot.
+    A printed program whose id is gone (being freed): read again, not served."""
+    ids = [i for i, _ in kernel.bpf]
+    asked = []
+    monkeypatch.setattr(consistency, "bpf_prog_ids", lambda: tuple(ids))
+
+    def ksyms(listed):
+        asked.append(listed)
+        return frozenset(0xffffffffa0000000 + 0x1000 * i for i in listed)
+    monkeypatch.setattr(consistency, "bpf_prog_ksyms", ksyms)
+    src = kernel.sources(bpf_ids=True)
+    prev = take_snapshot(src, keep_raw=True)
+    assert prev.bpf_ids == tuple(ids) and len(asked) == 1
+    assert take_snapshot(src, previous=prev, keep_raw=True) is prev
+    assert len(asked) == 1  # unchanged: no addresses asked for
+    ids.append(99)  # a program with no kallsyms entry (loaded without CAP_BPF)
+    assert take_snapshot(src, previous=prev, keep_raw=True) is prev
+    assert len(asked) == 2 and prev.bpf_ids == tuple(ids)
+    first = ids.pop(0)  # its id freed, its line still printed (the kernel frees it next)
+    kernel.hooks.append((KERNEL_LINES + 124, lambda: kernel.bpf_close(0)))  # at its end
+    snap = take_snapshot(src, previous=prev, keep_raw=True)
+    assert snap is not prev and snap.tries == 2
+    assert f"bpf_prog_0123_p{first}" not in "".join(lines_of(snap))
+
+
 def test_keeps_changing_gives_enxio(kernel):
     for _ in range(3):
         aba(kernel)

@@ -47,8 +47,12 @@ def test_missing_source_is_a_clear_error(tmp_path):
 
 def test_live_sources_cope_without_proc_modules(tmp_path):
     (tmp_path / "kallsyms").write_text("ffffffff81000000 T _stext\n")
-    snap = take_snapshot(Sources.live(procfs=str(tmp_path), sysfs=str(tmp_path)))
+    src = Sources.live(procfs=str(tmp_path), sysfs=str(tmp_path))
+    assert src.modules is None  # never tried: procfs has it from boot or never
+    snap = take_snapshot(src)
     assert snap.modules is None and len(snap.table) == 1
+    (tmp_path / "modules").write_text("")
+    assert Sources.live(procfs=str(tmp_path)).modules == str(tmp_path / "modules")
 
 
 KS = ("ffffffff81000000 T _stext\nffffffff81000010 t helper\n"
