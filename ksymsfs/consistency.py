@@ -29,7 +29,7 @@ import numpy as np
 
 from .arrays import sorted_unique
 from .kallsyms import SymbolTable, is_pseudo_module
-from .readfile import open_regular
+from .readfile import ValueFiles, open_regular
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "i686": 357, "armv7l": 386}
 BPF_PROG_GET_NEXT_ID = 11
@@ -49,10 +49,13 @@ class Signals:
     bpf_ksyms: frozenset[int] | None = None  # their functions' addresses (after the read)
 
 
-def read_signals(seqnum_path: str | None, bpf: bool, ksyms: bool = False) -> Signals:
+def read_signals(seqnum_path: str | None, bpf: bool, ksyms: bool = False,
+                 values: ValueFiles | None = None) -> Signals:
+    """``values``: where the seqnum is read (kept open on sysfs); else opened each time."""
     ids = bpf_prog_ids() if bpf else None
-    return Signals(_read_seqnum(seqnum_path), ids,
-                   bpf_prog_ksyms(ids) if ksyms and ids is not None else None)
+    seqnum = (_read_seqnum(seqnum_path) if values is None or seqnum_path is None
+              else values.read(seqnum_path))
+    return Signals(seqnum, ids, bpf_prog_ksyms(ids) if ksyms and ids is not None else None)
 
 
 def _read_seqnum(path: str | None) -> bytes | None:
@@ -79,33 +82,45 @@ def moved(before: Signals, after: Signals) -> str:
     return ""
 
 
-_libc = None
+class _NextIdAttr(ctypes.Structure):
+    """``union bpf_attr`` as BPF_PROG_GET_NEXT_ID reads it (start_id, next_id)."""
+
+    _fields_ = [("start_id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
+                ("open_flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+_syscall = None  # libc's syscall(), its argument types set once (a cold call costs less)
+_nr_bpf = None
+
+
+def _bpf_call() -> tuple[object, int | None]:
+    global _syscall, _nr_bpf
+    if _syscall is None:
+        fn = ctypes.CDLL(None, use_errno=True).syscall
+        fn.restype = ctypes.c_long
+        fn.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_ulong]
+        _nr_bpf, _syscall = _SYS_BPF.get(platform.machine()), fn
+    return _syscall, _nr_bpf
 
 
 def bpf_prog_ids() -> tuple[int, ...] | None:
     """Ids of the loaded eBPF programs, or None (not root, no bpf(2), unknown arch)."""
-    global _libc
-    nr = _SYS_BPF.get(platform.machine())
+    call, nr = _bpf_call()
     if nr is None:
         return None
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    attr = ctypes.create_string_buffer(16)
-    ids, start = [], 0
+    attr = _NextIdAttr()
+    where = ctypes.addressof(attr)
+    ids = []
     while True:
-        struct.pack_into("<II", attr, 0, start, 0)
-        if _libc.syscall(nr, BPF_PROG_GET_NEXT_ID, attr, 16) != 0:
-            err = ctypes.get_errno()
-            return tuple(ids) if err == 2 else None   # ENOENT: past the last id
-        start = struct.unpack_from("<II", attr, 0)[1]
-        ids.append(start)
+        if call(nr, BPF_PROG_GET_NEXT_ID, where, ctypes.sizeof(attr)) != 0:
+            return tuple(ids) if ctypes.get_errno() == 2 else None  # ENOENT: past the last
+        ids.append(attr.next_id)
+        attr.start_id = attr.next_id
 
 
 def _bpf(cmd: int, attr) -> int:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc.syscall(_SYS_BPF[platform.machine()], cmd, attr, len(attr))
+    call, nr = _bpf_call()
+    return call(nr, cmd, ctypes.addressof(attr), len(attr))
 
 
 def bpf_prog_ksyms(ids: tuple[int, ...]) -> frozenset[int] | None:

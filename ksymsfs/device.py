@@ -47,7 +47,7 @@ from .policy import (
     read_sysctls,
     user_namespace,
 )
-from .readfile import ReadBuffer
+from .readfile import ReadBuffer, ValueFiles
 from .snapshot import snapshot_image
 from .sources import Snapshot, Sources, take_snapshot
 
@@ -253,6 +253,7 @@ class Device:
         # page cache held when an idle spell dropped it: the same bytes may resume it
         self._coalescer = Coalescer(self._read_sources, PARALLEL_READS, GATHER,
                                     KernelFirstJoin() if sources.kernel_first else None)
+        self._values = ValueFiles()  # sysctls and the uevent seqnum, kept open on procfs/sysfs
         self._readbufs = [ReadBuffer()]  # free ones: kallsyms is read into one at every open
         self._busy_bufs: list[ReadBuffer] = []  # those a read is using now
         self.latest_size = 0
@@ -280,7 +281,7 @@ class Device:
         try:
             snap = take_snapshot(self.sources, section_cache=self._section_cache,
                                  previous=prev, keep_raw=True, buffer=buf,
-                                 progress=progress)
+                                 progress=progress, values=self._values)
         finally:
             with self._lock:
                 self._busy_bufs.remove(buf)
@@ -379,7 +380,8 @@ class Device:
             raise
 
     def _open(self, creds: ProcessCreds, tid: int = 0) -> int:
-        show = kallsyms_show_value(read_sysctls(self.sysctl_dir), creds.cap_syslog)
+        show = kallsyms_show_value(read_sysctls(self.sysctl_dir, self._values),
+                                   creds.cap_syslog)
         # a quarter of the in-progress slots is kept for openers who may see addresses
         limit = self.max_pending if show else max(1, self.max_pending * 3 // 4)
         with self._lock:

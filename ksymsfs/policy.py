@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 from .errors import SourceError
-from .readfile import read_regular
+from .readfile import ValueFiles, read_regular
 
 CAP_SYSLOG = 34
 
@@ -19,10 +19,13 @@ class Sysctls:
     perf_event_paranoid: int
 
 
-def read_sysctls(sysctl_dir: str = "/proc/sys/kernel") -> Sysctls:
-    """Read the knobs; an unreadable knob counts as the most restrictive value."""
+def read_sysctls(sysctl_dir: str = "/proc/sys/kernel",
+                 values: ValueFiles | None = None) -> Sysctls:
+    """Read the knobs; an unreadable knob counts as the most restrictive value.
+    ``values``: read there (kept open on procfs), else each file is opened anew."""
     def get(name: str, default: int) -> int:
-        data = read_small(os.path.join(sysctl_dir, name))
+        path = os.path.join(sysctl_dir, name)
+        data = read_small(path) if values is None else values.read(path)
         try:
             return int(data.split()[0]) if data is not None else default
         except (ValueError, IndexError):

@@ -7,6 +7,8 @@ import io
 import logging
 import os
 import stat
+import threading
+import weakref
 
 from .errors import SourceError
 from .freshness import READ_BUFFER, STEP, ReadProgress
@@ -64,6 +66,75 @@ def open_regular(path: str) -> int:
     except BaseException:
         os.close(fd)
         raise
+
+
+class ValueFiles:
+    """Small procfs and sysfs value files (sysctls, counters) read at every open.
+
+    On those file systems a file stays open and each read is a ``pread`` at offset 0,
+    which the kernel answers afresh from the live value (a sysctl's handler, a sysfs
+    attribute's ``show``): no path walk, open and close, 0.13-0.18 ms → 0.03 ms once the
+    caches are cold, as they are after every kallsyms read. Any other file (a test's, a
+    ``--sysctl-dir``) is opened anew at every read, since it may be replaced. Never
+    blocks on a FIFO planted at a path (open_regular).
+    """
+
+    def __init__(self, live_roots: tuple[str, ...] = ("/proc", "/sys")):
+        self._roots = live_roots
+        self._live_devs: set[int] | None = None
+        self._kept: dict[str, int] = {}
+        self._lock = threading.Lock()
+        weakref.finalize(self, _close_all, self._kept)
+
+    def read(self, path: str, limit: int = 64) -> bytes | None:
+        """The file's first ``limit`` bytes now, or None if it cannot be read."""
+        fd = self._kept.get(path, -1)
+        if fd >= 0:
+            try:
+                return os.pread(fd, limit, 0)
+            except OSError:
+                return None
+        try:
+            fd = open_regular(path)
+        except OSError:
+            return None
+        try:
+            data = os.pread(fd, limit, 0)
+        except OSError:
+            os.close(fd)
+            return None
+        if not self._keep(path, fd):
+            os.close(fd)
+        return data
+
+    def _keep(self, path: str, fd: int) -> bool:
+        try:
+            dev = os.fstat(fd).st_dev
+        except OSError:
+            return False
+        with self._lock:
+            if self._live_devs is None:
+                self._live_devs = set()
+                for root in self._roots:
+                    try:
+                        self._live_devs.add(os.stat(root).st_dev)
+                    except OSError:
+                        pass
+            if dev not in self._live_devs or path in self._kept:
+                return False
+            self._kept[path] = fd
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            _close_all(self._kept)
+
+
+def _close_all(kept: dict[str, int]) -> None:
+    fds = list(kept.values())
+    kept.clear()
+    for fd in fds:
+        os.close(fd)
 
 
 class ReadBuffer:

@@ -13,7 +13,7 @@ from .errors import KsymsError, ParseError, SnapshotError
 from .freshness import ReadProgress, kernel_end, shows_per_open, unchanging_span
 from .kallsyms import SymbolTable, is_pseudo_module, parse_kallsyms
 from .notes import Notes, read_notes
-from .readfile import DEFAULT_MAX_READ, ReadBuffer, read_regular
+from .readfile import DEFAULT_MAX_READ, ReadBuffer, ValueFiles, read_regular
 
 log = logging.getLogger(__name__)
 SNAPSHOT_TRIES = 3  # FreeBSD ksyms gives up with ENXIO after this many unclean tries
@@ -193,7 +193,8 @@ def take_snapshot(src: Sources,
                   section_cache: dict | None = None,
                   previous: Snapshot | None = None, keep_raw: bool = False,
                   buffer: ReadBuffer | None = None,
-                  progress: ReadProgress | None = None) -> Snapshot:
+                  progress: ReadProgress | None = None,
+                  values: ValueFiles | None = None) -> Snapshot:
     """Read signals, modules, kallsyms, modules, signals; retry while anything moved, then ENXIO.
 
     Clean means: both module lists equal, the signals (uevent seqnum, eBPF program ids)
@@ -208,13 +209,14 @@ def take_snapshot(src: Sources,
     source the kernel's own symbols are read but not compared once the reading is seen
     to show addresses as ``previous`` did (freshness.unchanging_span).
     ``progress``: where the reading is (which try, how many bytes of kallsyms), for
-    openers who arrive meanwhile (freshness.KernelFirstJoin).
+    openers who arrive meanwhile (freshness.KernelFirstJoin). ``values``: the device's
+    kept value files (the uevent seqnum, read twice per try).
     """
     why = ""
     for tries in range(1, SNAPSHOT_TRIES + 1):
         if progress is not None:
             progress.start_try(tries)
-        before = consistency.read_signals(src.seqnum, src.bpf_ids)
+        before = consistency.read_signals(src.seqnum, src.bpf_ids, values=values)
         m1 = _read_modules(src)
         expect = previous.raw if previous is not None and buffer is not None else None
         kdata = _read(src.kallsyms, max_bytes=src.max_read, into=buffer, progress=progress,
@@ -222,7 +224,7 @@ def take_snapshot(src: Sources,
                       unchecked=previous.unchanging if expect and src.kernel_first
                       else (0, 0))
         m2 = _read_modules(src)
-        after = consistency.read_signals(src.seqnum, src.bpf_ids)
+        after = consistency.read_signals(src.seqnum, src.bpf_ids, values=values)
         why = consistency.moved(before, after)
         if m1 != m2:
             why = f"{src.modules} changed while {src.kallsyms} was read"

@@ -15,6 +15,7 @@ from ksymsfs.device import Coalescer, Device
 from ksymsfs.elfdefs import ELFCLASS32, ELFCLASS64, ELFDATA2MSB, make_target
 from ksymsfs.errors import ConfigError, SourceError
 from ksymsfs.reader import dump_lines, lookup, nlist
+from ksymsfs.readfile import ValueFiles
 from ksymsfs.sizes import infer_sizes
 from ksymsfs.sources import Sources, parse_modules, take_snapshot
 
@@ -605,3 +606,41 @@ def test_image_keeps_its_runs_uncopied_read_only_and_exact():
     assert b"xy\0\0z" in mixed and b"yx" not in mixed
     with pytest.raises(ValueError, match="overlapping"):
         VirtualImage([(0, bytearray(b"abc")), (2, b"d")], 10)
+
+
+def test_value_files_keep_procfs_and_sysfs_open_and_read_them_afresh(tmp_path):
+    """A sysctl and the uevent seqnum stay open (one pread per read) and still give the
+    live value after a change; a file elsewhere is opened anew each time (replaced, it
+    gives the new file's bytes); a FIFO is never read; close() lets them go."""
+    values = ValueFiles()
+    knob, seqnum = "/proc/sys/kernel/kptr_restrict", "/sys/kernel/uevent_seqnum"
+    old = values.read(knob)
+    assert old is not None and knob in values._kept
+    try:
+        with open(knob, "w") as f:
+            f.write("2" if old.strip() != b"2" else "1")
+        assert values.read(knob) != old
+    finally:
+        with open(knob, "w") as f:
+            f.write(old.decode())
+    assert values.read(knob) == old
+    n = int(values.read(seqnum))
+    assert seqnum in values._kept
+    with open("/sys/devices/virtual/mem/null/uevent", "w") as f:
+        f.write("change")  # a uevent for /dev/null: the counter moves
+    assert int(values.read(seqnum)) > n
+    local = tmp_path / "knob"
+    local.write_text("0\n")
+    assert values.read(str(local)) == b"0\n" and str(local) not in values._kept
+    (tmp_path / "new").write_text("1\n")
+    os.replace(tmp_path / "new", local)
+    assert values.read(str(local)) == b"1\n"
+    os.mkfifo(tmp_path / "fifo")
+    assert values.read(str(tmp_path / "fifo")) is None
+    assert values.read(str(tmp_path / "missing")) is None
+    fds = list(values._kept.values())
+    values.close()
+    assert values._kept == {}
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
