@@ -29,7 +29,7 @@ import numpy as np
 
 from .arrays import sorted_unique
 from .kallsyms import SymbolTable, is_pseudo_module
-from .readfile import ValueFiles, open_regular
+from .readfile import ValueFiles, read_value
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "i686": 357, "armv7l": 386}
 BPF_PROG_GET_NEXT_ID = 11
@@ -46,31 +46,22 @@ class Signals:
 
     seqnum: bytes | None              # /sys/kernel/uevent_seqnum, None if absent
     bpf_ids: tuple[int, ...] | None   # eBPF program ids, None if they cannot be listed
-    bpf_ksyms: frozenset[int] | None = None  # their functions' addresses (after the read)
 
 
-def read_signals(seqnum_path: str | None, bpf: bool, ksyms: bool = False,
+def read_signals(seqnum_path: str | None, bpf: bool,
                  values: ValueFiles | None = None) -> Signals:
-    """``values``: where the seqnum is read (kept open on sysfs); else opened each time."""
-    ids = bpf_prog_ids() if bpf else None
-    seqnum = (_read_seqnum(seqnum_path) if values is None or seqnum_path is None
-              else values.read(seqnum_path))
-    return Signals(seqnum, ids, bpf_prog_ksyms(ids) if ksyms and ids is not None else None)
+    """``values``: where the seqnum is read (kept open on sysfs); else opened each time.
+    The programs' addresses are asked for only when a reading needs checking
+    (bpf_prog_ksyms)."""
+    return Signals(_read_seqnum(seqnum_path, values), bpf_prog_ids() if bpf else None)
 
 
-def _read_seqnum(path: str | None) -> bytes | None:
+def _read_seqnum(path: str | None, values: ValueFiles | None = None) -> bytes | None:
     if path is None:
         return None
-    try:
-        fd = open_regular(path)  # a FIFO never blocks us
-    except OSError:
-        return None
-    try:  # one read: sysfs gives the whole value at once (a file: its first 64 bytes)
-        return os.read(fd, 64)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    # one read: sysfs gives the whole value at once (a file: its first 64 bytes); a FIFO
+    # never blocks us (open_regular)
+    return values.read(path) if values is not None else read_value(path)
 
 
 def moved(before: Signals, after: Signals) -> str:

@@ -17,6 +17,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from .errors import SourceError
+from .readfile import read_regular
+
 MAX_FDS = 4096  # descriptors looked at per table: beyond, the answer is "not held"
 
 
@@ -41,7 +44,7 @@ def _fd_mounts(task: str, max_fds: int) -> set[bytes]:
             for n, entry in enumerate(it):
                 if n >= max_fds:
                     return set()
-                info = _read_small(entry.path)
+                info = _read_small(entry.path, 1 << 16)
                 at = info.find(b"\nmnt_id:")
                 if at >= 0:
                     end = info.find(b"\n", at + 8)
@@ -61,19 +64,10 @@ def _mount_devs(mountinfo: str, mounts: set[bytes]) -> set[str]:
     return devs
 
 
-def _read_small(path: str, limit: int = 4096) -> bytes:
-    """A small procfs file ("" if it went away: a descriptor closed meanwhile)."""
+def _read_small(path: str, limit: int) -> bytes:
+    """A procfs file of at most ``limit`` bytes ("" if it went away, a descriptor closed
+    meanwhile, or is larger)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+        return read_regular(path, limit, missing_ok=True) or b""
+    except SourceError:
         return b""
-    try:
-        chunks, total = [], 0
-        while total < limit and (chunk := os.read(fd, min(65536, limit - total))):
-            chunks.append(chunk)
-            total += len(chunk)
-        return b"".join(chunks)
-    except OSError:
-        return b""
-    finally:
-        os.close(fd)

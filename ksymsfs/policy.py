@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 from .errors import SourceError
-from .readfile import ValueFiles, read_regular
+from .readfile import ValueFiles, read_regular, read_value
 
 CAP_SYSLOG = 34
 
@@ -25,7 +25,7 @@ def read_sysctls(sysctl_dir: str = "/proc/sys/kernel",
     ``values``: read there (kept open on procfs), else each file is opened anew."""
     def get(name: str, default: int) -> int:
         path = os.path.join(sysctl_dir, name)
-        data = read_small(path) if values is None else values.read(path)
+        data = values.read(path) if values is not None else read_value(path)
         try:
             return int(data.split()[0]) if data is not None else default
         except (ValueError, IndexError):

@@ -94,16 +94,8 @@ class ValueFiles:
                 return os.pread(fd, limit, 0)
             except OSError:
                 return None
-        try:
-            fd = open_regular(path)
-        except OSError:
-            return None
-        try:
-            data = os.pread(fd, limit, 0)
-        except OSError:
-            os.close(fd)
-            return None
-        if not self._keep(path, fd):
+        data, fd = _read_value(path, limit)
+        if fd >= 0 and not self._keep(path, fd):
             os.close(fd)
         return data
 
@@ -128,6 +120,27 @@ class ValueFiles:
     def close(self) -> None:
         with self._lock:
             _close_all(self._kept)
+
+
+def read_value(path: str, limit: int = 64) -> bytes | None:
+    """A small value file's first ``limit`` bytes, opened anew (None if unreadable)."""
+    data, fd = _read_value(path, limit)
+    if fd >= 0:
+        os.close(fd)
+    return data
+
+
+def _read_value(path: str, limit: int) -> tuple[bytes | None, int]:
+    """(its bytes, the open descriptor) or (None, -1); never blocks on a FIFO."""
+    try:
+        fd = open_regular(path)
+    except OSError:
+        return None, -1
+    try:
+        return os.pread(fd, limit, 0), fd
+    except OSError:
+        os.close(fd)
+        return None, -1
 
 
 def _close_all(kept: dict[str, int]) -> None:

@@ -231,22 +231,19 @@ def take_snapshot(src: Sources,
         if why:
             continue
         same = previous is not None and previous.same_reading(kdata, m1)
-        if same and after.bpf_ids == previous.bpf_ids:
-            # the same bytes with the programs its [bpf] lines were checked against: the
-            # same state (their addresses are not asked for again: 3 calls a program)
-            if progress is not None:
-                progress.done(tries)
-            return previous
-        ksyms = (consistency.bpf_prog_ksyms(after.bpf_ids)
-                 if after.bpf_ids is not None else None)
+        # the programs' addresses (3 calls a program) are needed unless these are the
+        # bytes and programs the previous reading was checked with
+        ksyms = (consistency.bpf_prog_ksyms(after.bpf_ids) if after.bpf_ids is not None
+                 and not (same and after.bpf_ids == previous.bpf_ids) else None)
         if same:
-            # the same bytes, other programs listed: a program that left during the read
-            # can shift the [bpf] lines into exactly the previous text (a line of a
-            # program no longer listed shows it); else the same state, now with these
-            if src.strict_modules and (why := consistency.bpf_lines_problem(
-                    previous.table, ksyms)):
-                continue
-            previous.bpf_ids = after.bpf_ids
+            if after.bpf_ids != previous.bpf_ids:
+                # other programs listed: one that left during the read can shift the
+                # [bpf] lines into exactly the previous text (a line of a program no
+                # longer listed shows it); else the same state, now with these
+                if src.strict_modules and (why := consistency.bpf_lines_problem(
+                        previous.table, ksyms)):
+                    continue
+                previous.bpf_ids = after.bpf_ids
             if progress is not None:
                 progress.done(tries)
             return previous
