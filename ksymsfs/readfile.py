@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 # A real /proc/kallsyms is <= ~25 MB; a generated 3M-symbol one ~140 MB.
 DEFAULT_MAX_READ = 512 << 20
 CHUNK = 1 << 20
+# an unchecked span's last bytes, read and compared after its skip (ReadBuffer._compare):
+# a file that no longer reaches there, or holds other bytes there, is caught
+SKIP_CHECKED = 4096
 
 
 def read_regular(path: str, max_bytes: int = DEFAULT_MAX_READ,
@@ -187,15 +190,18 @@ class ReadBuffer:
 
         ``unchecked`` = (a, b): the caller knows that a reading equal to ``expect`` in its
         first ``a`` bytes is equal in ``[a, b)`` too (freshness.unchanging_span: the
-        kernel's own symbols), so those bytes are read but not compared (the memcmp
-        against the cold previous reading was 0.6-0.8 ms of an open)."""
+        kernel's own symbols), so those bytes are not compared (the memcmp against the
+        cold previous reading was 0.6-0.8 ms of an open), nor even read where the file
+        can seek: but for their last SKIP_CHECKED bytes they are skipped (a kallsyms
+        open: 24.2 instead of 26.0 ms)."""
         if expect is not None:
             pos, differs = self._compare(fd, path, expect, progress, unchecked)
             a, b = unchecked
-            if differs is None and a < pos < b:
-                # it ended inside the span that cannot change: not the file the caller
-                # said, so its unchecked bytes may not be expect's; read it again, all
-                # of it compared (ending at ``b``, where modules would begin, is normal)
+            if differs is None and (a < pos < b or pos < 0):
+                # it ended inside the span that cannot change, or its checked end differs:
+                # not the file the caller said, so its unchecked bytes may not be
+                # expect's; read it again, all of it compared (ending at ``b``, where
+                # modules would begin, is normal)
                 _rewind(fd, path)
                 return self.read_fd(fd, path, max_bytes, progress, expect)
             if differs is None and pos == len(expect):
@@ -222,15 +228,29 @@ class ReadBuffer:
                  unchecked: tuple[int, int]) -> tuple[int, memoryview | None]:
         """Read and compare with ``expect`` while equal (but for ``unchecked``): (bytes
         read, None) at the end of the file if all were equal, else (bytes equal before
-        the differing read, that read's bytes). One read() per loop (procfs gives a page
+        the differing read, that read's bytes), or (-1, None) when it skipped to the end of
+        ``unchecked`` and found other bytes there. One read() per loop (procfs gives a page
         per read): 0.3 ms less per kallsyms than BufferedReader's loop, whose reads into
         its own buffer and copies cost more than this loop's Python steps."""
         if len(self._scratch) < READ_BUFFER:
             self._scratch = bytearray(READ_BUFFER)
         mv, read = memoryview(self._scratch), io.FileIO(fd, "rb", closefd=False).readinto
         a, b = unchecked
-        pos = told = 0
+        b0, pos, told = b, 0, 0
+        skip_to = b - SKIP_CHECKED if a < b else -1
         while True:
+            if a <= pos < skip_to:
+                # the span's bytes, uncompared anyway, are not received at all: procfs
+                # makes them in one lseek (seq_file's traverse) instead of ~1,300 read()s
+                # and copies; its last SKIP_CHECKED bytes are read and compared, so a
+                # file that does not reach the span's end as expect did is caught
+                if progress is not None:  # where it is while the kernel skips on
+                    progress.advance(pos)
+                if _skip(fd, skip_to):
+                    pos = told = b = skip_to
+                    if progress is not None:  # nothing past the span is made yet
+                        progress.advance(pos)
+                skip_to = -1
             try:  # _readinto's wrapping, inline: one call less in a loop of ~1,300
                 n = read(mv)
             except OSError as e:
@@ -247,6 +267,9 @@ class ReadBuffer:
                 # a memcmp at pos (False past the end), then one after the span
                 if not (expect.startswith(mv[:lo - pos], pos)
                         and expect.startswith(mv[hi - pos:n], hi)):
+                    if b < b0 and pos < b0 and not expect.startswith(
+                            mv[:min(n, b0 - pos)], pos):
+                        return -1, None  # skipped, and the span's checked end differs
                     return pos, mv[:n]
             pos = end
 
@@ -283,6 +306,14 @@ class ReadBuffer:
         if pos > max_bytes:
             _too_big(path, max_bytes)
         return memoryview(self._buf)[:pos]
+
+
+def _skip(fd: int, to: int) -> bool:
+    """Move ``fd`` to ``to``; False where it cannot seek (then the caller reads on)."""
+    try:
+        return os.lseek(fd, to, os.SEEK_SET) == to
+    except OSError:
+        return False
 
 
 def _rewind(fd: int, path: str) -> None:

@@ -450,21 +450,34 @@ def test_read_buffer_compares_with_the_previous_reading_as_it_reads(tmp_path):
         assert sorted(seen) == seen
 
 
+def _bytes_read() -> int:
+    """This process's bytes received by read() so far (/proc/self/io ``rchar``)."""
+    with open("/proc/self/io", "rb") as f:
+        return int(dict(ln.split(b": ") for ln in f.read().splitlines())[b"rchar"])
+
+
 def test_read_buffer_leaves_the_unchecked_span_uncompared(tmp_path):
     """``unchecked`` = (a, b): a byte changed inside it is not seen (the previous reading
-    comes back: the caller vouched for those bytes); changes before or after it are, also
-    inside a read that straddles its ends; a file that ends inside the span (so it is not
+    comes back: the caller vouched for those bytes) and not even read, but for its last
+    SKIP_CHECKED bytes (the file is sought past the rest); changes before or after it
+    are, also inside a read that straddles its ends, and so are changes in its last bytes
+    (then all is read again and compared); a file that ends inside the span (so it is not
     what the caller said) is read again and compared whole: the exact new bytes."""
     from ksymsfs.freshness import STEP
-    from ksymsfs.readfile import ReadBuffer, read_regular
+    from ksymsfs.readfile import SKIP_CHECKED, ReadBuffer, read_regular
     old = os.urandom(4 * STEP + 999)
     expect, f, buf = bytes(old), tmp_path / "k", ReadBuffer()
     a, b = STEP // 2, 3 * STEP + 7
     flip = lambda data, i: data[:i] + bytes([data[i] ^ 1]) + data[i + 1:]  # noqa: E731
-    for i in (a, a + 1, STEP, 2 * STEP + 5, b - 1):
+    for i in (a, a + 1, STEP, 2 * STEP + 5, b - SKIP_CHECKED - 1):
         f.write_bytes(flip(old, i))
+        before = _bytes_read()
         assert read_regular(str(f), into=buf, expect=expect, unchecked=(a, b)) is expect
+        # the span's bytes but its last SKIP_CHECKED were never received
+        # (+ 4096: /proc/self/io's own read)
+        assert _bytes_read() - before <= len(old) - (b - SKIP_CHECKED - a) + 4096
     for new in (flip(old, 0), flip(old, a - 1), flip(old, b), flip(old, b + 1),
+                flip(old, b - 1), flip(old, b - SKIP_CHECKED),
                 flip(old, len(old) - 1), old + b"x", old[:-1], old[:b],
                 old[:b - 1], flip(old[:b - 1], 9), old[:2 * STEP], old[:a + 1], b""):
         f.write_bytes(new)

@@ -428,6 +428,38 @@ def test_live_crowd_shares_the_reading_in_flight(monkeypatch):
     pytest.fail("no second opener arrived early in a reading in 20 tries")
 
 
+def test_live_reading_seeks_past_the_kernels_own_symbols():
+    """The live kernel: a reading after one that showed addresses receives the first
+    line(s) and the span's last bytes and all that follows, not the kernel's own
+    symbols (/proc/kallsyms is sought past them: seq_file's lseek makes them without
+    copying them out); an unchanged kernel gives the previous snapshot back, and a
+    reading compared whole (no previous) receives every byte."""
+    from ksymsfs.readfile import SKIP_CHECKED
+
+    def rchar() -> int:
+        with open("/proc/self/io", "rb") as f:
+            return int(dict(ln.split(b": ") for ln in f.read().splitlines())[b"rchar"])
+    src, buf = Sources.live(), ReadBuffer()
+    got = []
+    for _ in range(3):  # (a module or eBPF program may come meanwhile: then once more)
+        before = rchar()
+        prev = got[-1] if got else None
+        got.append(take_snapshot(src, previous=prev, keep_raw=True, buffer=buf))
+        got_bytes = rchar() - before
+        snap = got[-1]
+        a, b = snap.unchanging
+        assert b > a > 0 and snap.kernel_end == b
+        if prev is None:
+            assert got_bytes >= len(snap.raw)  # the first: all of it
+        elif snap is prev:
+            # at most the reads before a, the checked end and the rest (+ module lists,
+            # signals: small files), never the kernel's own symbols
+            assert got_bytes <= (64 << 10) * 2 + SKIP_CHECKED + len(snap.raw) - b + 65536
+            assert got_bytes < len(snap.raw) // 2
+            return
+    pytest.fail("the kernel changed at every reading")
+
+
 def test_live_readings_across_a_kptr_restrict_change_are_compared():
     """The live kernel: the kernel's own symbols are skipped only between readings that
     both show addresses. kptr_restrict=2 (addresses hidden even from root) gives a new,
