@@ -26,6 +26,7 @@ it, as before; policies never mix, since opens of another policy are refused.)
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import re
@@ -56,6 +57,7 @@ SIZE_BUCKET = 64 << 10   # served size granularity: module churn rarely changes 
 OPEN_WAIT = 1.0          # s an open may wait for a RELEASE (own slot, or other policy)
 PARALLEL_READS = min(2, os.cpu_count() or 1)  # kallsyms reads at once (CPU-bound in the kernel)
 GATHER = 0.01            # s without a new opener before a second read starts (a crowd shares it)
+HOLD = 0.05              # s at most a sought reading waits for a crowd (Coalescer._hold)
 _HEX_RUN = re.compile(r"(?i)(0x)?[0-9a-f]{8,}")
 
 
@@ -164,8 +166,10 @@ class Coalescer:
                 wait = self._may_start(time.monotonic())
                 if wait <= 0:
                     self._started += 1
-                    self._flight[self._started] = (self._join.progress() if self._join
-                                                   else None)
+                    p = self._join.progress() if self._join else None
+                    if p is not None:  # a sought reading waits there while a crowd comes
+                        p.hold = functools.partial(self._hold, time.monotonic())
+                    self._flight[self._started] = p
                     return None, self._started
                 self._cond.wait(None if wait == float("inf") else wait)
             else:
@@ -204,6 +208,21 @@ class Coalescer:
                 self._done, self._result = gen, res
             self._cond.notify_all()
         return res
+
+    def _hold(self, since: float) -> None:
+        """A reading begun at ``since`` that may still serve newcomers (sought past the
+        kernel's own symbols, freshness.ReadProgress.sought) waits while callers keep
+        coming after it began: until ``gather`` s pass without one, at most HOLD s. A
+        crowd of processes starting over tens of ms then shares one reading (measured:
+        32 dd, 2 readings a wave without it); a lone caller never waits here."""
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                quiet = now - self._last_arrival
+                if (self._last_arrival <= since or quiet >= self._gather
+                        or now - since >= HOLD):
+                    return
+                self._cond.wait(min(self._gather - quiet, since + HOLD - now))
 
     def forget(self) -> None:
         """Drop the last result (idle memory); a caller then always starts a new read."""

@@ -23,6 +23,7 @@ readings that both show addresses hold the same kernel's own symbols, byte for b
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Protocol
 
 STEP = 256 << 10        # bytes a tracked reading may have received beyond what it told
@@ -33,19 +34,31 @@ AHEAD = STEP + READ_BUFFER + SEQ_SLACK
 
 class ReadProgress:
     """How far one reading has got: ``state`` is (try, bytes of kallsyms received), set
-    by the reader as one tuple; ``final`` the try that gave the snapshot."""
+    by the reader as one tuple; ``final`` the try that gave the snapshot. ``made``: while
+    not None, the kernel has made exactly up to there (the reading was sought, nothing
+    read past it yet), which bounds the mark instead of ``AHEAD``. ``hold``: what a
+    reader calls there before reading on (the Coalescer's: while openers keep coming)."""
 
-    __slots__ = ("state", "final")
+    __slots__ = ("state", "final", "made", "hold")
 
     def __init__(self) -> None:
         self.state = (0, 0)
         self.final = 0
+        self.made: int | None = None
+        self.hold: Callable[[], None] | None = None
 
     def start_try(self, n: int) -> None:
+        self.made = None
         self.state = (n, 0)
 
     def advance(self, nbytes: int) -> None:
         self.state = (self.state[0], nbytes)
+        self.made = None
+
+    def sought(self, offset: int) -> None:
+        """The reading was sought to ``offset``: the kernel made its records up to the
+        one holding it (seq_file's traverse keeps that one, at most SEQ_SLACK)."""
+        self.made = offset + SEQ_SLACK
 
     def done(self, n: int) -> None:
         self.final = n
@@ -113,8 +126,9 @@ class KernelFirstJoin:
 
     @staticmethod
     def mark(p: ReadProgress) -> Mark:
+        made = p.made
         tried, received = p.state
-        return tried, received + AHEAD
+        return tried, received + AHEAD if made is None else made
 
     def learn(self, snap: Reading) -> None:
         """Every reading's kernel part ends where the last one's did (the hint)."""

@@ -11,7 +11,7 @@ import threading
 import weakref
 
 from .errors import SourceError
-from .freshness import READ_BUFFER, STEP, ReadProgress
+from .freshness import READ_BUFFER, SEQ_SLACK, STEP, ReadProgress
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_READ = 512 << 20
 CHUNK = 1 << 20
 # an unchecked span's last bytes, read and compared after its skip (ReadBuffer._compare):
-# a file that no longer reaches there, or holds other bytes there, is caught
-SKIP_CHECKED = 4096
+# a file that no longer reaches there, or holds other bytes there, is caught; past the
+# record seq_file keeps at the sought offset, so joiners' marks stay inside the span
+SKIP_CHECKED = SEQ_SLACK + 4096
 
 
 def read_regular(path: str, max_bytes: int = DEFAULT_MAX_READ,
@@ -248,7 +249,12 @@ class ReadBuffer:
                     progress.advance(pos)
                 if _skip(fd, skip_to):
                     pos = told = b = skip_to
-                    if progress is not None:  # nothing past the span is made yet
+                    if progress is not None:
+                        # nothing past the span is made yet: openers may still join,
+                        # and if they keep coming (a crowd), the reader waits for them
+                        progress.sought(pos)
+                        if progress.hold is not None:
+                            progress.hold()
                         progress.advance(pos)
                 skip_to = -1
             try:  # _readinto's wrapping, inline: one call less in a loop of ~1,300

@@ -17,6 +17,7 @@ from ksymsfs import sources as srcmod
 from ksymsfs.device import Coalescer, Device
 from ksymsfs.freshness import (
     AHEAD,
+    SEQ_SLACK,
     SHOWN_WITHIN,
     STEP,
     KernelFirstJoin,
@@ -143,6 +144,26 @@ def test_rule_serves_only_readings_that_had_not_passed_the_kernel():
     assert rule.may_serve((1, 10 ** 9)) and not rule.may_serve((1, 10 ** 9 + 1))
 
 
+
+def test_a_sought_reading_marks_what_the_kernel_made_not_ahead_of_it():
+    """Sought to an offset (one lseek), the kernel has made records up to the one holding
+    it: an arrival's mark is that bound, not received + AHEAD, until the reader reads on
+    (then the usual AHEAD again); a new try forgets it."""
+    rule, p = KernelFirstJoin(), ReadProgress()
+    p.start_try(1)
+    p.advance(4096)
+    p.sought(10 << 20)
+    assert rule.mark(p) == (1, (10 << 20) + SEQ_SLACK)
+    p.done(1)
+    assert rule.serves(rule.mark(p), p, Snap((10 << 20) + SEQ_SLACK))
+    assert not rule.serves(rule.mark(p), p, Snap((10 << 20) + SEQ_SLACK - 1))
+    p.advance(10 << 20)
+    assert rule.mark(p) == (1, (10 << 20) + AHEAD)
+    p.sought(5)
+    p.start_try(2)
+    assert rule.mark(p) == (2, AHEAD)
+
+
 # -- the reader's progress -----------------------------------------------------------------
 class Log(ReadProgress):
     __slots__ = ("seen",)
@@ -256,6 +277,41 @@ def test_coalescer_reads_again_for_an_opener_a_reading_does_not_serve(why):
         t.join(5)
     assert first == [old] and late == [new]
     assert not c._marked and not c._ended  # nothing kept for callers who are gone
+
+
+def test_coalescer_holds_a_sought_reading_while_a_crowd_keeps_coming(monkeypatch):
+    """A reading's ``hold`` (called once it was sought past the kernel's own symbols)
+    returns at once for a lone caller; while callers keep arriving it waits until none
+    came for ``gather`` s (never more than HOLD), and those callers share the reading."""
+    monkeypatch.setattr(devmod, "HOLD", 2.0)
+    read = GatedRead()
+    c = Coalescer(read, parallel=2, gather=0.05, join=KernelFirstJoin())
+    first, late = [], []
+    t1 = _get_in_thread(c, first)
+    _until(lambda: len(read.calls) == 1)
+    p = read.calls[0]
+    t = time.monotonic()
+    p.hold()  # nobody else came: no wait
+    assert time.monotonic() - t < 0.04
+    p.sought(1 << 20)
+    held = threading.Event()
+    waiter = threading.Thread(target=lambda: (p.hold(), held.set()))
+    ts = [_get_in_thread(c, late)]
+    _until(lambda: len(c._cond._waiters) == 1)  # it came after the reading began
+    waiter.start()
+    for _ in range(3):  # callers keep coming every 20 ms: it keeps holding
+        time.sleep(0.02)
+        assert not held.is_set()
+        ts.append(_get_in_thread(c, late))
+    t = time.monotonic()
+    assert held.wait(5)  # ~gather after the last caller
+    assert time.monotonic() - t < 1.0
+    _until(lambda: len(c._cond._waiters) == 4)
+    served = Snap(10 << 20, tag="one")
+    read.then(served)
+    for th in [t1, *ts, waiter]:
+        th.join(5)
+    assert first == [served] and late == [served] * 4 and len(read.calls) == 1
 
 
 def test_coalescer_knows_the_kernel_part_from_the_first_reading():
