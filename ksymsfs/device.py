@@ -107,7 +107,9 @@ class Coalescer:
     run at once: a caller who finds only older reads in flight (none that may serve it)
     starts another once no new caller came for ``gather`` s (so a crowd shares it) or a
     slot frees, instead of waiting for the older read to end and only then starting.
-    ``read`` is called with no argument, or with the read's progress given a ``join``.
+    ``read`` is called with no argument, or with the read's progress given a ``join``;
+    that progress's ``hold`` lets a reading sought past the kernel's own symbols wait
+    there while a crowd keeps coming (``_hold``).
     """
 
     def __init__(self, read: Callable[..., Snapshot], parallel: int = 1,

@@ -158,17 +158,22 @@ def _module_churner(ko_path: str, stop, counts) -> None:
         time.sleep(rnd.uniform(0, PAUSE_S))
 
 
-def _init_names(ko_path: str) -> set[str]:
+def _init_names(ko_path: str) -> tuple[set[str], Counter]:
+    """(names in the module's .init sections, every named symbol of its .symtab but
+    sections and files: what kallsyms prints for it while it is COMING, before
+    do_init_module switches it to the core symbols)."""
     from elftools.elf.elffile import ELFFile
     with open(ko_path, "rb") as f:
         elf = ELFFile(f)
         names = [s.name for s in elf.iter_sections()]
-        out = set()
+        out, full = set(), Counter()
         for sym in elf.get_section_by_name(".symtab").iter_symbols():
             shn = sym["st_shndx"]
             if isinstance(shn, int) and shn < len(names) and names[shn].startswith(".init"):
                 out.add(sym.name)
-        return out
+            if sym.name and sym["st_info"]["type"] not in ("STT_SECTION", "STT_FILE"):
+                full[sym.name] += 1
+        return out, full
 
 
 def module_states(modroot: str):
@@ -186,14 +191,16 @@ def module_states(modroot: str):
             a, c, n = ln.split("\t")[0].split(" ", 2)
             rel[(int(a, 16) - base_addr, c, n)] += 1
     ko.modprobe(modroot, "-r", "dummy")
-    return path, quiet_lines(), rel, _init_names(path)
+    return path, quiet_lines(), rel, *_init_names(path)
 
 
-def module_classifier(base_lines: list[str], rel: Counter, init: set[str]):
+def module_classifier(base_lines: list[str], rel: Counter, init: set[str],
+                      full: Counter | None = None):
     """Clean iff every symbol but dummy's is the quiet kernel's (the same sequence, else
     the same multiset), dummy's are one instance's (``rel`` at one load address, plus at
-    most its init symbols) and a module list read with the image names exactly the
-    modules whose symbols it has."""
+    most its init symbols; or, while it is COMING, ``rel`` at one load address and each
+    other named symbol of its .ko once: ``full``) and a module list read with the image
+    names exactly the modules whose symbols it has."""
     base = im.from_lines(base_lines)
     base_key, base_counter = base.key(), _lazy(base.counter)
     base_mods = {im.mod_name(m) for m in np.unique(base.mod).tolist()}
@@ -223,7 +230,7 @@ def module_classifier(base_lines: list[str], rel: Counter, init: set[str]):
         if not n:
             return ""
         got = Counter(s.rows(np.flatnonzero(mine)))
-        return "" if _one_instance(got, rel, init) else \
+        return "" if _one_instance(got, rel, init) or _coming(got, rel, full) else \
             f"dummy's {n} lines are not one instance's ({sum(rel.values())})"
     return classify
 
@@ -249,14 +256,29 @@ def _one_instance(got: Counter, rel: Counter, init: set[str]) -> bool:
     return False
 
 
+def _coming(got: Counter, rel: Counter, full: Counter | None) -> bool:
+    """``got`` is one instance while COMING (kernel/module/kallsyms.c: ``mod->kallsyms``
+    is its whole symtab until do_init_module switches to the core one, after the
+    KOBJ_ADD uevent): its core lines are ``rel`` at one base, and the rest are each other
+    named symbol of the .ko once (init ones, imports as 'U' at the kernel's addresses,
+    and locals of sections never loaded, at their load-time copy), none more."""
+    if not full:
+        return False
+    core_names = Counter(n for (_, _, n), k in rel.items() for _ in range(k))
+    core = Counter({k: v for k, v in got.items() if k[2] in core_names})
+    rest = Counter(n for (_, _, n), k in got.items() if n not in core_names
+                   for _ in range(k))
+    return rest == full - core_names and _one_instance(core, rel, set())
+
+
 def module_churn(report, path: str, modroot: str, mode: str) -> None:
-    ko_path, base, rel, init = module_states(modroot)
+    ko_path, base, rel, init, full = module_states(modroot)
     stop = mp.Event()
     counts = mp.Manager().dict({"load": 0, "unload": 0})
     child = mp.Process(target=_module_churner, args=(ko_path, stop, counts))
     child.start()
     t = time.monotonic()
-    classify = module_classifier(base, rel, init)
+    classify = module_classifier(base, rel, init, full)
     try:
         res = sample(path, mode, classify, TARGET[mode], TIME_LIMIT[mode])
         res["old_rule"] = old_rule(OLD_RULE_SAMPLES[mode], classify)
