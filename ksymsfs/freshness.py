@@ -126,7 +126,7 @@ class KernelFirstJoin:
 
     @staticmethod
     def mark(p: ReadProgress) -> Mark:
-        made = p.made
+        made = p.made  # first: the reader clears it only after it set the state
         tried, received = p.state
         return tried, received + AHEAD if made is None else made
 

@@ -158,7 +158,7 @@ def _module_churner(ko_path: str, stop, counts) -> None:
         time.sleep(rnd.uniform(0, PAUSE_S))
 
 
-def _init_names(ko_path: str) -> tuple[set[str], Counter]:
+def _ko_names(ko_path: str) -> tuple[set[str], Counter]:
     """(names in the module's .init sections, every named symbol of its .symtab but
     sections and files: what kallsyms prints for it while it is COMING, before
     do_init_module switches it to the core symbols)."""
@@ -191,7 +191,7 @@ def module_states(modroot: str):
             a, c, n = ln.split("\t")[0].split(" ", 2)
             rel[(int(a, 16) - base_addr, c, n)] += 1
     ko.modprobe(modroot, "-r", "dummy")
-    return path, quiet_lines(), rel, *_init_names(path)
+    return path, quiet_lines(), rel, *_ko_names(path)
 
 
 def module_classifier(base_lines: list[str], rel: Counter, init: set[str],
