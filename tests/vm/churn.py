@@ -87,7 +87,7 @@ def sample(path: str, mode: str, classify, target: int, limit: float) -> dict:
     res = {"served": 0, "enxio": 0, "mixed": 0, "via_mount": 0, "latency_s": [],
            "mount_latency_s": [], "classify_s": 0.0, "mixed_detail": []}
     end = time.monotonic() + limit
-    k = 0
+    k, before = 0, states_now(classify)
     while res["served"] < n and time.monotonic() < end:
         k += 1
         use_mount = k % MOUNT_EVERY[mode] == 0
@@ -105,6 +105,7 @@ def sample(path: str, mode: str, classify, target: int, limit: float) -> dict:
             res["mixed"] += 1
             res["mixed_detail"].append({"via_mount": use_mount, "why": why})
     res["attempts"] = res["served"] + res["enxio"]
+    res["clean_by_state"] = states_since(classify, before)
     res["enxio_rate"] = round(res["enxio"] / max(1, res["attempts"]), 3)
     res["classify_s"] = round(res["classify_s"], 1)
     for key, name in (("latency_s", "snapshot"), ("mount_latency_s", "mount_open_read")):
@@ -205,34 +206,54 @@ def module_classifier(base_lines: list[str], rel: Counter, init: set[str],
     base_key, base_counter = base.key(), _lazy(base.counter)
     base_mods = {im.mod_name(m) for m in np.unique(base.mod).tolist()}
     dummy = im.mod_id("dummy")
-    seen: dict[tuple, str] = {}
+    seen: dict[tuple, tuple[str, str]] = {}
+    states: Counter = Counter()  # clean images by dummy's state: absent, live, coming
 
     def classify(digest: bytes | None, syms: im.Syms, t0: float, t1: float) -> str:
         key = (digest, repr(syms.modules))
         if digest is None:
-            return verdict(syms)
-        if key not in seen:
-            seen[key] = verdict(syms)
-        return seen[key]
+            why, state = verdict(syms)
+        else:
+            if key not in seen:
+                seen[key] = verdict(syms)
+            why, state = seen[key]
+        if not why:
+            states[state] += 1
+        return why
 
-    def verdict(s: im.Syms) -> str:
+    def verdict(s: im.Syms) -> tuple[str, str]:
+        """(why it is mixed, or ""; dummy's state in it)"""
         mine = s.mod == dummy
         why = im.same_symbols(s, ~mine, base, base_key, base_counter)
         if why:
-            return f"other modules: {why}"
+            return f"other modules: {why}", ""
         n = int(np.count_nonzero(mine))
         if s.modules is not None:
             listed = set(s.modules)
             if bool(n) != ("dummy" in listed):
-                return f"dummy lines: {n}, dummy in /proc/modules: {'dummy' in listed}"
+                return f"dummy lines: {n}, dummy in /proc/modules: {'dummy' in listed}", ""
             if listed - {"dummy"} != {m for m in base_mods if m and not _pseudo(m)}:
-                return f"/proc/modules {sorted(listed)} is not the symbols' module list"
+                return f"/proc/modules {sorted(listed)} is not the symbols' module list", ""
         if not n:
-            return ""
+            return "", "absent"
         got = Counter(s.rows(np.flatnonzero(mine)))
-        return "" if _one_instance(got, rel, init) or _coming(got, rel, full) else \
-            f"dummy's {n} lines are not one instance's ({sum(rel.values())})"
+        if _one_instance(got, rel, init):
+            return "", "live"
+        if _coming(got, rel, full):
+            return "", "coming"
+        return f"dummy's {n} lines are not one instance's ({sum(rel.values())})", ""
+    classify.states = states  # type: ignore[attr-defined]
     return classify
+
+
+def states_since(classify, before: Counter) -> dict[str, int]:
+    """The clean images ``classify`` counted by state since ``before`` (a module
+    classifier's; other classifiers count none)."""
+    return dict(getattr(classify, "states", Counter()) - before)
+
+
+def states_now(classify) -> Counter:
+    return Counter(getattr(classify, "states", Counter()))
 
 
 def _lazy(fn):
@@ -426,6 +447,7 @@ def bpf_churn(report, path: str, mode: str) -> None:
 def _crowd_reader(path: str, make_classify, until: float, q) -> None:
     """Open and read the mount over and over until ``until``; classify each image."""
     classify = make_classify()
+    before = states_now(classify)
     res = {"served": 0, "enxio": 0, "mixed": 0, "why": []}
     while time.monotonic() < until:
         got = _timed(im.from_image, path)
@@ -438,6 +460,7 @@ def _crowd_reader(path: str, make_classify, until: float, q) -> None:
         if why:
             res["mixed"] += 1
             res["why"].append(why[:300])
+    res["clean_by_state"] = states_since(classify, before)
     q.put(res)
 
 
@@ -459,6 +482,7 @@ def crowd(report, kind: str, path: str, make_classify, mode: str) -> None:
             p.join(30)
     res = {k: sum(r[k] for r in got) for k in ("served", "enxio", "mixed")}
     res["why"] = [w for r in got for w in r["why"]][:5]
+    res["clean_by_state"] = dict(sum((Counter(r["clean_by_state"]) for r in got), Counter()))
     report.figure(f"churn_{kind}_crowd", res)
     report.check(f"churn_{kind}_crowd_no_mixed_image",
                  res["mixed"] == 0 and res["served"] >= CROWD_MIN[mode], res)

@@ -260,3 +260,24 @@ def test_guest_python_is_this_environment_not_its_base_interpreter() -> None:
                        capture_output=True, text=True, timeout=60, cwd="/")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == sys.prefix
+
+
+def test_the_module_classifier_counts_clean_images_by_state(tmp_path) -> None:
+    """The guest's figures say how many clean images had dummy absent, live or COMING,
+    so a run shows which states it exercised; a mixed image counts in none, and an image
+    met again (its digest cached) counts again."""
+    classify = churn.module_classifier(QUIET, REL, set(), FULL)
+    before = churn.states_now(classify)
+    images = {"absent": (QUIET, MODS_WITHOUT_DUMMY), "live": (LINES, MODULES),
+              "coming": (QUIET + EXTRA + DUMMY, MODULES),
+              "mixed": (LINES + DUMMY, MODULES)}
+    digests = {k: os.urandom(8) for k in images}
+    for k, (lines, mods) in images.items():
+        syms = served(tmp_path, lines, mods, "snapshot")
+        assert (classify(digests[k], syms, 0.0, 0.0) == "") == (k != "mixed"), k
+    syms = served(tmp_path, LINES, MODULES, "image")
+    assert classify(None, syms, 0.0, 0.0) == ""
+    assert classify(digests["live"], served(tmp_path, LINES, MODULES, "snapshot"),
+                    0.0, 0.0) == ""
+    assert churn.states_since(classify, before) == {"absent": 1, "live": 3, "coming": 1}
+    assert churn.states_since(lambda *a: "", Counter()) == {}
