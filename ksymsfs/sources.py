@@ -164,9 +164,10 @@ class Snapshot:
         """The span of ``raw`` a later reading need not compare (freshness.unchanging_span)."""
         return unchanging_span(self.raw, self.kernel_end)
 
-    @property
+    @functools.cached_property
     def all_zero(self) -> bool:
-        """Every address is 0: the kernel hid them from whoever read kallsyms."""
+        """Every address is 0: the kernel hid them from whoever read kallsyms (asked by
+        every opener who joined its reading: once)."""
         return not self.table.addr.any()
 
     @property

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -196,6 +197,26 @@ def proc_status(pid: int | str, key: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def cpus_idle_s() -> float:
+    """Seconds all CPUs spent idle since boot (/proc/stat's idle + iowait, the idle
+    spell under way included; 10 ms steps: read as a median of waves)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:6]]
+    return (v[3] + v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_cpu_s(pid: int) -> float:
+    """The daemon's CPU seconds so far, all its threads (schedstat: nanoseconds)."""
+    total = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            with open(path) as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that just ended
+    return total / 1e9
 
 
 def child_env() -> dict:
@@ -752,12 +773,15 @@ def one_wave(mp: str, procs: int, pid: int) -> dict:
     before = proc_status(pid, "VmRSS") or 0
     sampler = RssSampler(pid)
     sampler.start()
+    idle, mine = cpus_idle_s(), daemon_cpu_s(pid)
     t = time.perf_counter()
     ps = [subprocess.Popen(["dd", f"if={mp}", "of=/dev/null", "bs=1M"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
           for _ in range(procs)]
     outs = [(p.communicate()[1].decode(errors="replace"), p.returncode) for p in ps]
     wall = time.perf_counter() - t
+    idle, mine = cpus_idle_s() - idle, daemon_cpu_s(pid) - mine
+    busy = max(0.0, wall * (os.cpu_count() or 1) - idle)
     sampler.halt.set()
     sampler.join()
     hwm = proc_status(pid, "VmHWM") or 0
@@ -768,6 +792,7 @@ def one_wave(mp: str, procs: int, pid: int) -> dict:
         if rc != 0 or not m or int(m.group(1)) == 0:
             fails.append(err.strip().splitlines()[0] if err.strip() else f"exit {rc}")
     return {"wall_s": wall, "rss_before": before, "hwm": max(hwm, sampler.peak),
+            "cpu_busy_s": busy, "daemon_cpu_s": mine,
             "ok": len(fails) == 0 and len(set(sizes)) == 1, "errors": fails[:3]}
 
 
@@ -843,6 +868,16 @@ def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str,
                         floor=floor and floor / base) if last else None
         rep.row(f"{procs} readers: wall time", wall * 1e3, "ms", "1 reader", wall / base,
                 f"<= {lim}x" if last else "", okw)
+        # the machine's CPUs over the wave (ticks: the median of the waves): a crowd that
+        # keeps every CPU busy cannot end sooner by waiting less, only by working less
+        cpus = os.cpu_count() or 1
+        busy = med([w["cpu_busy_s"] for w in ws])
+        mine = med([w["daemon_cpu_s"] for w in ws])
+        e.update(cpu_busy_s=busy, cpu_busy_share=busy / (wall * cpus), daemon_cpu_s=mine)
+        rep.row(f"  {procs} readers: CPU busy over the wave, all {cpus} CPUs", busy * 1e3,
+                "ms", f"{cpus} x wall", busy / (wall * cpus), "(info)")
+        rep.row(f"  {procs} readers: of it the daemon's (user + system)", mine * 1e3, "ms",
+                "CPU busy", mine / busy if busy else None, "(info)")
         rep.row(f"  {procs} dd of a local copy (floor)", lw * 1e3, "ms", "1 dd of the copy",
                 lw / local_base)
         rep.row(f"  {procs} dd of a sparse copy in tmpfs (floor)", sw * 1e3, "ms",

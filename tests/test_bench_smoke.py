@@ -80,6 +80,10 @@ def test_bench_fuse_sections(bench_fuse_json):
               "wall_vs_serial_floor", "sparse_tmpfs_wall_s")  # one / two kallsyms reads
     lv = conc["levels"][-1]  # + the cheaper copies
     assert lv["floor_s"] - min(lv["local_wall_s"], lv["sparse_tmpfs_wall_s"]) > 0
+    for lv in conc["levels"]:  # the machine's CPUs over a wave, and the daemon's part
+        assert 0 < lv["cpu_busy_share"] <= 1.0 and lv["cpu_busy_s"] > 0, lv
+        # every wave's open reads kallsyms in the daemon (the kernel's ~20+ ms of work)
+        assert 0 < lv["daemon_cpu_s"] <= lv["cpu_busy_s"] * 1.1, lv
     assert [c["processes"] for c in conc["captured"]] == [1, 4]
     for c in conc["captured"]:
         _positive(c, "wall_s", "wall_ratio")
