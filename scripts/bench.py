@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -217,6 +218,13 @@ def daemon_cpu_s(pid: int) -> float:
         except (OSError, ValueError, IndexError):
             continue  # a thread that just ended
     return total / 1e9
+
+
+def own_cpu_s() -> tuple[float, float]:
+    """(this process's, its reaped children's) user + system seconds so far."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
 def child_env() -> dict:
@@ -773,7 +781,7 @@ def one_wave(mp: str, procs: int, pid: int) -> dict:
     before = proc_status(pid, "VmRSS") or 0
     sampler = RssSampler(pid)
     sampler.start()
-    idle, mine = cpus_idle_s(), daemon_cpu_s(pid)
+    idle, mine, (me, kids) = cpus_idle_s(), daemon_cpu_s(pid), own_cpu_s()
     t = time.perf_counter()
     ps = [subprocess.Popen(["dd", f"if={mp}", "of=/dev/null", "bs=1M"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -781,6 +789,7 @@ def one_wave(mp: str, procs: int, pid: int) -> dict:
     outs = [(p.communicate()[1].decode(errors="replace"), p.returncode) for p in ps]
     wall = time.perf_counter() - t
     idle, mine = cpus_idle_s() - idle, daemon_cpu_s(pid) - mine
+    me, kids = (a - b for a, b in zip(own_cpu_s(), (me, kids)))
     busy = max(0.0, wall * (os.cpu_count() or 1) - idle)
     sampler.halt.set()
     sampler.join()
@@ -792,7 +801,8 @@ def one_wave(mp: str, procs: int, pid: int) -> dict:
         if rc != 0 or not m or int(m.group(1)) == 0:
             fails.append(err.strip().splitlines()[0] if err.strip() else f"exit {rc}")
     return {"wall_s": wall, "rss_before": before, "hwm": max(hwm, sampler.peak),
-            "cpu_busy_s": busy, "daemon_cpu_s": mine,
+            "cpu_busy_s": busy, "daemon_cpu_s": mine, "readers_cpu_s": kids,
+            "bench_cpu_s": me,
             "ok": len(fails) == 0 and len(set(sizes)) == 1, "errors": fails[:3]}
 
 
@@ -872,12 +882,16 @@ def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str,
         # keeps every CPU busy cannot end sooner by waiting less, only by working less
         cpus = os.cpu_count() or 1
         busy = med([w["cpu_busy_s"] for w in ws])
-        mine = med([w["daemon_cpu_s"] for w in ws])
-        e.update(cpu_busy_s=busy, cpu_busy_share=busy / (wall * cpus), daemon_cpu_s=mine)
+        parts = {k: med([w[k] for w in ws]) for k in
+                 ("daemon_cpu_s", "readers_cpu_s", "bench_cpu_s")}
+        e.update(cpu_busy_s=busy, cpu_busy_share=busy / (wall * cpus), **parts)
         rep.row(f"  {procs} readers: CPU busy over the wave, all {cpus} CPUs", busy * 1e3,
                 "ms", f"{cpus} x wall", busy / (wall * cpus), "(info)")
-        rep.row(f"  {procs} readers: of it the daemon's (user + system)", mine * 1e3, "ms",
-                "CPU busy", mine / busy if busy else None, "(info)")
+        for key, whose in (("daemon_cpu_s", "the daemon's"),
+                           ("readers_cpu_s", f"the {procs} dd processes'"),
+                           ("bench_cpu_s", "the bench's own (it starts them)")):
+            rep.row(f"    of it {whose} (user + system)", parts[key] * 1e3, "ms",
+                    "CPU busy", parts[key] / busy if busy else None, "(info)")
         rep.row(f"  {procs} dd of a local copy (floor)", lw * 1e3, "ms", "1 dd of the copy",
                 lw / local_base)
         rep.row(f"  {procs} dd of a sparse copy in tmpfs (floor)", sw * 1e3, "ms",
@@ -1110,8 +1124,6 @@ def _cli_seconds(image: str, log: str, n: int) -> tuple[float, float]:
     """Median (wall, CPU) seconds of ``ksymsfs symbolize IMAGE LOG > /dev/null``, a fresh
     process each time (CPU: its user + system time, which other tenants of a shared
     machine do not inflate as much as the wall time)."""
-    import resource
-
     cmd = [sys.executable, "-m", "ksymsfs", "symbolize", image, log]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     walls, cpus = [], []

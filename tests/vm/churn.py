@@ -137,7 +137,9 @@ def old_rule(n: int, classify) -> dict:
 # --- module churn -------------------------------------------------------------------------
 
 def _module_churner(ko_path: str, stop, counts) -> None:
-    """Unload + reload at once (the ABA case), a failing load now and then, then a pause."""
+    """Unload + reload at once (the ABA case), a failing load now and then, then a pause;
+    one time in three a pause with the module gone too (else readings nearly never find
+    it absent: 1 of 1,071 images in a long run)."""
     rnd = random.Random(1)
     while not stop.is_set():
         try:
@@ -145,6 +147,8 @@ def _module_churner(ko_path: str, stop, counts) -> None:
             counts["unload"] = counts.get("unload", 0) + 1
         except OSError:
             pass
+        if rnd.random() < 1 / 3:
+            time.sleep(rnd.uniform(0, PAUSE_S))
         if rnd.random() < 0.25:
             try:   # fails in parse_args, after the module became visible (COMING)
                 ko.module_load(ko_path, "numdummies=bad")
