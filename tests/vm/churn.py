@@ -10,6 +10,7 @@ import os
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 
@@ -87,7 +88,7 @@ def sample(path: str, mode: str, classify, target: int, limit: float) -> dict:
     res = {"served": 0, "enxio": 0, "mixed": 0, "via_mount": 0, "latency_s": [],
            "mount_latency_s": [], "classify_s": 0.0, "mixed_detail": []}
     end = time.monotonic() + limit
-    k, before = 0, states_now(classify)
+    k, counted = 0, clean_states(classify)
     while res["served"] < n and time.monotonic() < end:
         k += 1
         use_mount = k % MOUNT_EVERY[mode] == 0
@@ -105,7 +106,7 @@ def sample(path: str, mode: str, classify, target: int, limit: float) -> dict:
             res["mixed"] += 1
             res["mixed_detail"].append({"via_mount": use_mount, "why": why})
     res["attempts"] = res["served"] + res["enxio"]
-    res["clean_by_state"] = states_since(classify, before)
+    res["clean_by_state"] = counted()
     res["enxio_rate"] = round(res["enxio"] / max(1, res["attempts"]), 3)
     res["classify_s"] = round(res["classify_s"], 1)
     for key, name in (("latency_s", "snapshot"), ("mount_latency_s", "mount_open_read")):
@@ -250,14 +251,12 @@ def module_classifier(base_lines: list[str], rel: Counter, init: set[str],
     return classify
 
 
-def states_since(classify, before: Counter) -> dict[str, int]:
-    """The clean images ``classify`` counted by state since ``before`` (a module
-    classifier's; other classifiers count none)."""
-    return dict(getattr(classify, "states", Counter()) - before)
-
-
-def states_now(classify) -> Counter:
-    return Counter(getattr(classify, "states", Counter()))
+def clean_states(classify) -> Callable[[], dict[str, int]]:
+    """A function telling the clean images ``classify`` counted by dummy's state since
+    this call (a module classifier's; other classifiers count none)."""
+    states = getattr(classify, "states", Counter())
+    before = Counter(states)
+    return lambda: dict(states - before)
 
 
 def _lazy(fn):
@@ -451,7 +450,7 @@ def bpf_churn(report, path: str, mode: str) -> None:
 def _crowd_reader(path: str, make_classify, until: float, q) -> None:
     """Open and read the mount over and over until ``until``; classify each image."""
     classify = make_classify()
-    before = states_now(classify)
+    counted = clean_states(classify)
     res = {"served": 0, "enxio": 0, "mixed": 0, "why": []}
     while time.monotonic() < until:
         got = _timed(im.from_image, path)
@@ -464,7 +463,7 @@ def _crowd_reader(path: str, make_classify, until: float, q) -> None:
         if why:
             res["mixed"] += 1
             res["why"].append(why[:300])
-    res["clean_by_state"] = states_since(classify, before)
+    res["clean_by_state"] = counted()
     q.put(res)
 
 

@@ -267,7 +267,7 @@ def test_the_module_classifier_counts_clean_images_by_state(tmp_path) -> None:
     so a run shows which states it exercised; a mixed image counts in none, and an image
     met again (its digest cached) counts again."""
     classify = churn.module_classifier(QUIET, REL, set(), FULL)
-    before = churn.states_now(classify)
+    counted = churn.clean_states(classify)
     images = {"absent": (QUIET, MODS_WITHOUT_DUMMY), "live": (LINES, MODULES),
               "coming": (QUIET + EXTRA + DUMMY, MODULES),
               "mixed": (LINES + DUMMY, MODULES)}
@@ -279,5 +279,5 @@ def test_the_module_classifier_counts_clean_images_by_state(tmp_path) -> None:
     assert classify(None, syms, 0.0, 0.0) == ""
     assert classify(digests["live"], served(tmp_path, LINES, MODULES, "snapshot"),
                     0.0, 0.0) == ""
-    assert churn.states_since(classify, before) == {"absent": 1, "live": 3, "coming": 1}
-    assert churn.states_since(lambda *a: "", Counter()) == {}
+    assert counted() == {"absent": 1, "live": 3, "coming": 1}
+    assert churn.clean_states(lambda *a: "")() == {}
