@@ -78,8 +78,9 @@ def test_bench_fuse_sections(bench_fuse_json):
     assert all(lv["all_ok"] and not lv["errors"] for lv in conc["levels"])
     _positive(conc["levels"][-1], "floor_s", "wall_vs_floor", "serial_floor_s",
               "wall_vs_serial_floor", "sparse_tmpfs_wall_s")  # one / two kallsyms reads
-    lv = conc["levels"][-1]  # + the cheaper copies
-    assert lv["floor_s"] - min(lv["local_wall_s"], lv["sparse_tmpfs_wall_s"]) > 0
+    lv = conc["levels"][-1]  # + the copies: page-cached ones, as the default mount serves
+    assert lv["floor_copy"] == live["floor_copy"] == "page-cached"
+    assert lv["floor_s"] - lv["local_wall_s"] > 0
     for lv in conc["levels"]:  # the machine's CPUs over a wave, and the daemon's part
         assert 0 < lv["cpu_busy_share"] <= 1.0 and lv["cpu_busy_s"] > 0, lv
         # every wave's open reads kallsyms in the daemon (the kernel's ~20+ ms of work)
@@ -94,13 +95,10 @@ def test_bench_fuse_sections(bench_fuse_json):
         c = checks[name]
         assert c["floor"] > 0, c
         assert c["floor_above_target"] is (c["floor"] > c["target"])
-    # live: (kallsyms + the cheaper copy: page-cached, or sparse in tmpfs) / kallsyms;
-    # crowd: (one kallsyms read + N local copies) / one reader of the mount (which can be
-    # under 1: N copies at once on several cores)
-    copy = min(live["cat_local_copy_s"]["median"], live["cat_sparse_tmpfs_s"]["median"])
-    copy = max(0.0, copy - live["cat_dev_null_s"]["median"])  # (its cat's start: once)
-    assert checks["live_open_read"]["floor"] == pytest.approx(
-        1 + copy / live["cat_kallsyms_s"]["median"])
+    # live: (kallsyms + the page-cached copy: the default mount serves every byte through
+    # FUSE's page cache, zeros too) / kallsyms; crowd: (one kallsyms read + N page-cached
+    # copies) / one reader of the mount (which can be under 1: N copies on several cores)
+    assert checks["live_open_read"]["floor"] == pytest.approx(_live_floor(live, "cat_local_copy_s"))
     copies = bench_fuse_json["meta"]["tmpfs_copies"]  # its sparse copies: made, then gone
     assert len(copies) >= 2 and not [p for p in copies if os.path.exists(p)], copies
     assert checks["concurrent_wall"]["floor"] == pytest.approx(
@@ -120,6 +118,19 @@ def test_bench_passthrough_sections(bench_fuse_json):
     for name in ("live_open_read", "nm_mount_vs_local", "concurrent_wall",
                  "crowd_vs_local"):
         assert name in names and f"{name}_passthrough" in names
+    # its floors read the sparse copy, as the kernel reads its memory files' holes
+    live, lv = pt["live"]["fuse"], pt["concurrency"]["levels"][-1]
+    assert live["floor_copy"] == lv["floor_copy"] == "sparse tmpfs"
+    checks = {c["name"]: c for c in bench_fuse_json["checks"]}
+    assert checks["live_open_read_passthrough"]["floor"] == pytest.approx(
+        _live_floor(live, "cat_sparse_tmpfs_s"))
+    assert lv["floor_s"] - lv["sparse_tmpfs_wall_s"] > 0
+
+
+def _live_floor(live: dict, copy: str) -> float:
+    """(cat kallsyms + the ``copy`` row's cat beyond a cat's own start) / cat kallsyms."""
+    beyond = max(0.0, live[copy]["median"] - live["cat_dev_null_s"]["median"])
+    return 1 + beyond / live["cat_kallsyms_s"]["median"]
 
 
 def test_bench_sections_present(bench_json):
