@@ -261,7 +261,9 @@ class Report:
     def check(self, name: str, value: float | None, limit: float, passed: bool | None = None,
               what: str = "", floor: float | None = None) -> bool | None:
         """``floor``: the same ratio for the same work with no daemon at all (measured in
-        this run); a target below it cannot be met on this machine by any daemon."""
+        this run): the kernel's whole kallsyms read and the copy the mount's way of
+        serving can give; a target below it is met only by reading less of kallsyms
+        (the open's seek past the kernel's own symbols saves ~2 ms of it)."""
         if passed is None and value is not None:
             passed = value <= limit
         c = {"name": name, "value": value, "target": limit, "passed": passed, "what": what}
@@ -484,8 +486,8 @@ def sec_live(rep: Report, args, mount: Mount | None, mount_err: str, work: str) 
     rep.row("  cat /dev/null (a cat's own start and exit)", med(tnull) * 1e3, "ms")
     rep.row(f"  cat MOUNT vs its floor (cat kallsyms + the {_copy_kind(mount)} copy's cat "
             "beyond cat /dev/null)", None, "", f"{floor * 1e3:.1f} ms", fcat / floor, "(info)")
-    rep.row("  the floor vs cat kallsyms (no daemon can be under it)", None, "",
-            "cat kallsyms", floor / icat, f"({lim}x)")
+    rep.row("  the floor vs cat kallsyms (under it only by not reading all of kallsyms)",
+            None, "", "cat kallsyms", floor / icat, f"({lim}x)")
     rep.row("open+read+close MOUNT in-process", med(frd) * 1e3, "ms", "in-process read",
             med(frd) / med(rd), f"({lim}x)")
     return res
@@ -921,8 +923,8 @@ def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str,
                     wall / floor, "(info)")
             rep.row(f"  {procs} readers vs two kallsyms reads in series + {procs} dd",
                     None, "", f"{serial * 1e3:.0f} ms", wall / serial, "(info)")
-            rep.row("  the floor vs 1 reader (no daemon can be under it)", None, "",
-                    "1 reader", floor / base,
+            rep.row("  the floor vs 1 reader (under it only by not reading all of kallsyms)",
+                    None, "", "1 reader", floor / base,
                     f"({TARGETS['concurrent_wall']:g}x)" if last else "")
         lim = TARGETS["daemon_mem_per_image"]
         okm = rep.check("daemon_mem_per_image", growth / image, lim,
