@@ -86,6 +86,7 @@ def test_bench_fuse_sections(bench_fuse_json):
         # every wave's open reads kallsyms in the daemon (the kernel's ~20+ ms of work)
         assert 0 < lv["daemon_cpu_s"] <= lv["cpu_busy_s"] * 1.1, lv
         assert lv["readers_cpu_s"] > 0 and lv["bench_cpu_s"] > 0, lv  # dd's, our Popen
+        assert 0 < lv["spawn_s"] < max(lv["wall_s"]["runs"]), lv  # their starts, in a wave
     assert [c["processes"] for c in conc["captured"]] == [1, 4]
     for c in conc["captured"]:
         _positive(c, "wall_s", "wall_ratio")
