@@ -467,12 +467,13 @@ def sec_live(rep: Report, args, mount: Mount | None, mount_err: str, work: str) 
     # one cat that reads kallsyms and then the cheapest copy this mount's way of serving
     # can give (a sparse file for passthrough, else a page-cached one): the copy's cat
     # without its own process start (cat /dev/null), which the mount's cat does not pay
-    floor = icat + max(0.0, (scat if mount.serves_holes else lcat) - med(tnull))
+    holes = mount.serves_holes
+    floor = icat + max(0.0, (scat if holes else lcat) - med(tnull))
     ok = rep.check("live_open_read", fcat / icat, lim, what="cat MOUNT / cat /proc/kallsyms",
                    floor=floor / icat)
     fuse.update(cat_mount_s=fig(tmount), cat_kallsyms_s=fig(tcat),
                 cat_local_copy_s=fig(tlocal), cat_sparse_tmpfs_s=fig(tsparse),
-                cat_dev_null_s=fig(tnull), floor_copy=_copy_kind(mount),
+                cat_dev_null_s=fig(tnull), floor_copy=_copy_kind(holes),
                 read_mount_s=fig(frd),
                 mount_bytes=read_all(mp), ratio_cat=fcat / icat,
                 ratio_floor=fcat / floor, ratio_read=med(frd) / med(rd))
@@ -484,7 +485,7 @@ def sec_live(rep: Report, args, mount: Mount | None, mount_err: str, work: str) 
     rep.row("  cat of a sparse copy in tmpfs (the zeros as holes, as --passthrough's "
             "memory file)", scat * 1e3, "ms", "cat kallsyms", scat / icat)
     rep.row("  cat /dev/null (a cat's own start and exit)", med(tnull) * 1e3, "ms")
-    rep.row(f"  cat MOUNT vs its floor (cat kallsyms + the {_copy_kind(mount)} copy's cat "
+    rep.row(f"  cat MOUNT vs its floor (cat kallsyms + the {_copy_kind(holes)} copy's cat "
             "beyond cat /dev/null)", None, "", f"{floor * 1e3:.1f} ms", fcat / floor, "(info)")
     rep.row("  the floor vs cat kallsyms (under it only by not reading all of kallsyms)",
             None, "", "cat kallsyms", floor / icat, f"({lim}x)")
@@ -496,9 +497,9 @@ def sec_live(rep: Report, args, mount: Mount | None, mount_err: str, work: str) 
 TMPFS_COPIES: list[str] = []  # every sparse copy made (main removes any left; JSON names them)
 
 
-def _copy_kind(mount: Mount) -> str:
-    """Which local copy a mount's floor reads (Mount.serves_holes)."""
-    return "sparse tmpfs" if mount.serves_holes else "page-cached"
+def _copy_kind(holes: bool) -> str:
+    """Which local copy a mount's floor reads (``holes``: Mount.serves_holes)."""
+    return "sparse tmpfs" if holes else "page-cached"
 
 
 def _sparse_copy(path: str, work: str) -> str:
@@ -858,6 +859,7 @@ def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str,
     shutil.copyfile(mp, local)
     sparse = _sparse_copy(mp, work)  # the zeros as holes (what --passthrough reads)
     res["image_bytes"] = image = os.path.getsize(local)
+    holes = mount.serves_holes  # which copy its floor reads
     base = local_base = None
     for procs in args.concurrency:
         ws = waves(mp, procs, mount.pid, args.repeat)
@@ -876,7 +878,7 @@ def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str,
              "daemon_rss_before": ws[-1]["rss_before"], "daemon_peak_growth": growth,
              "daemon_peak": max(w["hwm"] for w in ws), "wall_ratio": wall / base,
              "growth_per_image": growth / image, "local_wall_s": lw,
-             "sparse_tmpfs_wall_s": sw, "floor_copy": _copy_kind(mount),
+             "sparse_tmpfs_wall_s": sw, "floor_copy": _copy_kind(holes),
              "local_wall_ratio": lw / local_base}
         res["levels"].append(e)
         last = procs == max(args.concurrency)
@@ -890,8 +892,7 @@ def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str,
         lim = TARGETS["concurrent_wall"]
         # the ideal: all share one kallsyms read (it must begin after the last of them
         # arrived) and then copy like the local crowd
-        floor = kall_s + (sw if mount.serves_holes else lw) if kall_s and procs > 1 \
-            else None
+        floor = kall_s + (sw if holes else lw) if kall_s and procs > 1 else None
         okw = rep.check("concurrent_wall", wall / base, lim, what=f"{procs} at once / 1",
                         floor=floor and floor / base) if last else None
         rep.row(f"{procs} readers: wall time", wall * 1e3, "ms", "1 reader", wall / base,
@@ -928,7 +929,7 @@ def sec_concurrency(rep: Report, args, mount: Mount | None, mount_err: str,
             e.update(floor_s=floor, wall_vs_floor=wall / floor, serial_floor_s=serial,
                      wall_vs_serial_floor=wall / serial)
             rep.row(f"  {procs} readers vs their floor (one kallsyms read + {procs} dd of "
-                    f"the {_copy_kind(mount)} copy)", None, "", f"{floor * 1e3:.0f} ms",
+                    f"the {_copy_kind(holes)} copy)", None, "", f"{floor * 1e3:.0f} ms",
                     wall / floor, "(info)")
             rep.row(f"  {procs} readers vs two kallsyms reads in series + {procs} dd",
                     None, "", f"{serial * 1e3:.0f} ms", wall / serial, "(info)")
@@ -1327,7 +1328,7 @@ def sec_passthrough(rep: Report, args, work: str) -> dict:
     static = start_captured(work, passthrough=True)
     try:
         size = read_all(mount.mountpoint)  # (its byte count) INIT is answered by now
-        res: dict = {"skipped": None, "active": "FUSE passthrough on" in mount.log_text(),
+        res: dict = {"skipped": None, "active": mount.serves_holes,
                      "memory_files": memfd_bytes(mount.pid), "image_bytes": size}
         if not res["active"]:
             view.section("a) live kernel")
