@@ -400,7 +400,7 @@ class Device:
                      redact(str(e) or type(e).__name__))
             raise
 
-    def _open(self, creds: ProcessCreds, tid: int = 0) -> int:
+    def _open(self, creds: ProcessCreds, tid: int) -> int:
         show = kallsyms_show_value(read_sysctls(self.sysctl_dir, self._values),
                                    creds.cap_syslog)
         # a quarter of the in-progress slots is kept for openers who may see addresses
@@ -411,7 +411,7 @@ class Device:
                                   "progress (--max-pending)")
             self._pending += 1
         try:
-            fh, shared = self._admit(creds.tgid, show, tid or creds.tgid)
+            fh, shared = self._admit(creds.tgid, show, tid)
             if shared:
                 return fh
             try:

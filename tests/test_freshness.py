@@ -433,7 +433,7 @@ def test_device_opener_shares_a_reading_only_before_it_passed_the_kernel(
     got: dict[str, bytes] = {}
 
     def opener(who: str, tgid: int) -> None:
-        got[who] = dev.image_of(dev._open(devmod.ProcessCreds(tgid, 0, True)))
+        got[who] = dev.image_of(dev._open(devmod.ProcessCreds(tgid, 0, True), tgid))
 
     a = threading.Thread(target=opener, args=("a", 101))
     a.start()

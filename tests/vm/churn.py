@@ -200,36 +200,41 @@ def module_states(modroot: str):
     return path, quiet_lines(), rel, *_ko_names(path)
 
 
-def module_classifier(base_lines: list[str], rel: Counter, init: set[str],
-                      full: Counter | None = None):
+class ModuleClassifier:
     """Clean iff every symbol but dummy's is the quiet kernel's (the same sequence, else
     the same multiset), dummy's are one instance's (``rel`` at one load address, plus at
     most its init symbols; or, while it is COMING, ``rel`` at one load address and each
     other named symbol of its .ko once: ``full``) and a module list read with the image
-    names exactly the modules whose symbols it has."""
-    base = im.from_lines(base_lines)
-    base_key, base_counter = base.key(), _lazy(base.counter)
-    base_mods = {im.mod_name(m) for m in np.unique(base.mod).tolist()}
-    dummy = im.mod_id("dummy")
-    seen: dict[tuple, tuple[str, str]] = {}
-    states: Counter = Counter()  # clean images by dummy's state: absent, live, coming
+    names exactly the modules whose symbols it has. ``states`` counts the clean images by
+    dummy's state in them: absent, live, coming."""
 
-    def classify(digest: bytes | None, syms: im.Syms, t0: float, t1: float) -> str:
+    def __init__(self, base_lines: list[str], rel: Counter, init: set[str],
+                 full: Counter | None = None) -> None:
+        self.base = im.from_lines(base_lines)
+        self.base_key, self.base_counter = self.base.key(), _lazy(self.base.counter)
+        self.base_mods = {im.mod_name(m) for m in np.unique(self.base.mod).tolist()}
+        self.dummy = im.mod_id("dummy")
+        self.rel, self.init, self.full = rel, init, full
+        self.seen: dict[tuple, tuple[str, str]] = {}
+        self.states: Counter = Counter()
+
+    def __call__(self, digest: bytes | None, syms: im.Syms, t0: float, t1: float) -> str:
+        """Why the image is mixed, or "" (and then it is counted in ``states``)."""
         key = (digest, repr(syms.modules))
         if digest is None:
-            why, state = verdict(syms)
+            why, state = self.verdict(syms)
         else:
-            if key not in seen:
-                seen[key] = verdict(syms)
-            why, state = seen[key]
+            if key not in self.seen:
+                self.seen[key] = self.verdict(syms)
+            why, state = self.seen[key]
         if not why:
-            states[state] += 1
+            self.states[state] += 1
         return why
 
-    def verdict(s: im.Syms) -> tuple[str, str]:
+    def verdict(self, s: im.Syms) -> tuple[str, str]:
         """(why it is mixed, or ""; dummy's state in it)"""
-        mine = s.mod == dummy
-        why = im.same_symbols(s, ~mine, base, base_key, base_counter)
+        mine = s.mod == self.dummy
+        why = im.same_symbols(s, ~mine, self.base, self.base_key, self.base_counter)
         if why:
             return f"other modules: {why}", ""
         n = int(np.count_nonzero(mine))
@@ -237,24 +242,22 @@ def module_classifier(base_lines: list[str], rel: Counter, init: set[str],
             listed = set(s.modules)
             if bool(n) != ("dummy" in listed):
                 return f"dummy lines: {n}, dummy in /proc/modules: {'dummy' in listed}", ""
-            if listed - {"dummy"} != {m for m in base_mods if m and not _pseudo(m)}:
+            if listed - {"dummy"} != {m for m in self.base_mods if m and not _pseudo(m)}:
                 return f"/proc/modules {sorted(listed)} is not the symbols' module list", ""
         if not n:
             return "", "absent"
         got = Counter(s.rows(np.flatnonzero(mine)))
-        if _one_instance(got, rel, init):
+        if _one_instance(got, self.rel, self.init):
             return "", "live"
-        if _coming(got, rel, full):
+        if _coming(got, self.rel, self.full):
             return "", "coming"
-        return f"dummy's {n} lines are not one instance's ({sum(rel.values())})", ""
-    classify.states = states  # type: ignore[attr-defined]
-    return classify
+        return f"dummy's {n} lines are not one instance's ({sum(self.rel.values())})", ""
 
 
 def clean_states(classify) -> Callable[[], dict[str, int]]:
     """A function telling the clean images ``classify`` counted by dummy's state since
-    this call (a module classifier's; other classifiers count none)."""
-    states = getattr(classify, "states", Counter())
+    this call (a ModuleClassifier's; other classifiers count none)."""
+    states = classify.states if isinstance(classify, ModuleClassifier) else Counter()
     before = Counter(states)
     return lambda: dict(states - before)
 
@@ -302,7 +305,7 @@ def module_churn(report, path: str, modroot: str, mode: str) -> None:
     child = mp.Process(target=_module_churner, args=(ko_path, stop, counts))
     child.start()
     t = time.monotonic()
-    classify = module_classifier(base, rel, init, full)
+    classify = ModuleClassifier(base, rel, init, full)
     try:
         res = sample(path, mode, classify, TARGET[mode], TIME_LIMIT[mode])
         res["old_rule"] = old_rule(OLD_RULE_SAMPLES[mode], classify)

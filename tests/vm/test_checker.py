@@ -53,7 +53,7 @@ def served(tmp_path: Path, lines: list[str], modules: list[str], how: str) -> im
 
 @functools.cache
 def module_classifier():
-    return churn.module_classifier(QUIET, REL, set())
+    return churn.ModuleClassifier(QUIET, REL, set())
 
 
 def module_verdict(tmp_path, lines, modules, how) -> str:
@@ -128,7 +128,7 @@ FULL = Counter(n for (_, _, n), k in REL.items() for _ in range(k)) + Counter(
 
 
 def coming_verdict(tmp_path, lines, modules, how) -> str:
-    classify = churn.module_classifier(QUIET, REL, set(), FULL)
+    classify = churn.ModuleClassifier(QUIET, REL, set(), FULL)
     return classify(os.urandom(8), served(tmp_path, lines, modules, how), 0.0, 0.0)
 
 
@@ -266,7 +266,7 @@ def test_the_module_classifier_counts_clean_images_by_state(tmp_path) -> None:
     """The guest's figures say how many clean images had dummy absent, live or COMING,
     so a run shows which states it exercised; a mixed image counts in none, and an image
     met again (its digest cached) counts again."""
-    classify = churn.module_classifier(QUIET, REL, set(), FULL)
+    classify = churn.ModuleClassifier(QUIET, REL, set(), FULL)
     counted = churn.clean_states(classify)
     images = {"absent": (QUIET, MODS_WITHOUT_DUMMY), "live": (LINES, MODULES),
               "coming": (QUIET + EXTRA + DUMMY, MODULES),
