@@ -57,7 +57,7 @@ SIZE_BUCKET = 64 << 10   # served size granularity: module churn rarely changes 
 OPEN_WAIT = 1.0          # s an open may wait for a RELEASE (own slot, or other policy)
 PARALLEL_READS = min(2, os.cpu_count() or 1)  # kallsyms reads at once (CPU-bound in the kernel)
 GATHER = 0.01            # s without a new opener before a second read starts (a crowd shares it)
-HOLD = 0.05              # s at most a sought reading waits for a crowd (Coalescer._hold)
+HOLD = 0.05              # s at most a paused reading waits for a crowd (Coalescer._hold)
 _HEX_RUN = re.compile(r"(?i)(0x)?[0-9a-f]{8,}")
 
 
@@ -108,8 +108,8 @@ class Coalescer:
     starts another once no new caller came for ``gather`` s (so a crowd shares it) or a
     slot frees, instead of waiting for the older read to end and only then starting.
     ``read`` is called with no argument, or with the read's progress given a ``join``;
-    that progress's ``hold`` lets a reading sought past the kernel's own symbols wait
-    there while a crowd keeps coming (``_hold``).
+    that progress's ``hold`` lets a reading paused near the end of the kernel's own
+    symbols wait there while a crowd keeps coming (``_hold``).
     """
 
     def __init__(self, read: Callable[..., Snapshot], parallel: int = 1,
@@ -169,7 +169,7 @@ class Coalescer:
                 if wait <= 0:
                     self._started += 1
                     p = self._join.progress() if self._join else None
-                    if p is not None:  # a sought reading waits there while a crowd comes
+                    if p is not None:  # a paused reading waits there while a crowd comes
                         p.hold = functools.partial(self._hold, time.monotonic())
                     self._flight[self._started] = p
                     return None, self._started
@@ -212,9 +212,9 @@ class Coalescer:
         return res
 
     def _hold(self, since: float) -> None:
-        """A reading begun at ``since`` that may still serve newcomers (sought past the
-        kernel's own symbols, freshness.ReadProgress.sought) waits while callers keep
-        coming after it began: until ``gather`` s pass without one, at most HOLD s. A
+        """A reading begun at ``since`` that may still serve newcomers (paused near the
+        end of the kernel's own symbols, freshness.ReadProgress.paused) waits while
+        callers keep coming after it began: until ``gather`` s pass without one, at most HOLD s. A
         crowd of processes starting over tens of ms then shares one reading (measured:
         32 dd, 2 readings a wave without it); a lone caller never waits here."""
         with self._cond:

@@ -35,8 +35,8 @@ AHEAD = STEP + READ_BUFFER + SEQ_SLACK
 class ReadProgress:
     """How far one reading has got: ``state`` is (try, bytes of kallsyms received), set
     by the reader as one tuple; ``final`` the try that gave the snapshot. ``made``: while
-    not None, the kernel has made exactly up to there (the reading was sought, nothing
-    read past it yet), which bounds the mark instead of ``AHEAD``. ``hold``: what a
+    not None, the kernel has made at most up to there (the reading paused, nothing read
+    past it yet), which bounds the mark instead of ``AHEAD``. ``hold``: what a
     reader calls there before reading on (the Coalescer's: while openers keep coming)."""
 
     __slots__ = ("state", "final", "made", "hold")
@@ -55,9 +55,9 @@ class ReadProgress:
         self.state = (self.state[0], nbytes)
         self.made = None
 
-    def sought(self, offset: int) -> None:
-        """The reading was sought to ``offset``: the kernel made its records up to the
-        one holding it (seq_file's traverse keeps that one, at most SEQ_SLACK)."""
+    def paused(self, offset: int) -> None:
+        """The reading stopped at ``offset`` (read page by page up to it): the kernel made
+        its records up to at most seq_file's page beyond it (SEQ_SLACK)."""
         self.made = offset + SEQ_SLACK
 
     def done(self, n: int) -> None:

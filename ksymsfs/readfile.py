@@ -18,10 +18,10 @@ log = logging.getLogger(__name__)
 # A real /proc/kallsyms is <= ~25 MB; a generated 3M-symbol one ~140 MB.
 DEFAULT_MAX_READ = 512 << 20
 CHUNK = 1 << 20
-# an unchecked span's last bytes, read and compared after its skip (ReadBuffer._compare):
-# a file that no longer reaches there, or holds other bytes there, is caught; past the
-# record seq_file keeps at the sought offset, so joiners' marks stay inside the span
-SKIP_CHECKED = SEQ_SLACK + 4096
+# a tracked reading pauses this far before an unchecked span's end (ReadBuffer._compare):
+# there the kernel has made at most SEQ_SLACK more (ReadProgress.paused), so the openers
+# who arrive while it waits for a crowd (its ``hold``) still find it inside the span
+PAUSE_BEFORE = SEQ_SLACK + 4096
 
 
 def read_regular(path: str, max_bytes: int = DEFAULT_MAX_READ,
@@ -191,18 +191,19 @@ class ReadBuffer:
 
         ``unchecked`` = (a, b): the caller knows that a reading equal to ``expect`` in its
         first ``a`` bytes is equal in ``[a, b)`` too (freshness.unchanging_span: the
-        kernel's own symbols), so those bytes are not compared (the memcmp against the
-        cold previous reading was 0.6-0.8 ms of an open) and, where the file can seek,
-        not even read but for their last SKIP_CHECKED bytes (_seek_span; a kallsyms open:
-        24.2 instead of 26.0 ms)."""
+        kernel's own symbols), so those bytes are read but not compared (the memcmp
+        against the cold previous reading was 0.6-0.8 ms of an open). They are read page
+        by page, never sought past: seq_file's ``lseek`` makes them in one stretch of
+        kernel code with no preemption point (~23-38 ms here), which held up every task
+        that woke on that CPU meanwhile (a sleeper's wakeups 48-60 ms late, against 4 ms
+        while kallsyms is read; README "Performance")."""
         if expect is not None:
             pos, differs = self._compare(fd, path, expect, progress, unchecked)
             a, b = unchecked
-            if differs is None and (a < pos < b or pos < 0):
-                # it ended inside the span that cannot change, or its checked end differs:
-                # not the file the caller said, so its unchecked bytes may not be
-                # expect's; read it again, all of it compared (ending at ``b``, where
-                # modules would begin, is normal)
+            if differs is None and a < pos < b:
+                # it ended inside the span that cannot change: not the file the caller
+                # said, so its uncompared bytes may not be expect's; read it again, all
+                # of it compared (ending at ``b``, where modules would begin, is normal)
                 _rewind(fd, path)
                 return self.read_fd(fd, path, max_bytes, progress, expect)
             if differs is None and pos == len(expect):
@@ -229,23 +230,20 @@ class ReadBuffer:
                  unchecked: tuple[int, int]) -> tuple[int, memoryview | None]:
         """Read and compare with ``expect`` while equal (but for ``unchecked``): (bytes
         read, None) at the end of the file if all were equal, else (bytes equal before
-        the differing read, that read's bytes), or (-1, None) when it skipped to the end of
-        ``unchecked`` and found other bytes there. One read() per loop (procfs gives a page
+        the differing read, that read's bytes). One read() per loop (procfs gives a page
         per read): 0.3 ms less per kallsyms than BufferedReader's loop, whose reads into
-        its own buffer and copies cost more than this loop's Python steps."""
+        its own buffer and copies cost more than this loop's Python steps. Tracked, it
+        pauses PAUSE_BEFORE the span's end (``_pause``)."""
         if len(self._scratch) < READ_BUFFER:
             self._scratch = bytearray(READ_BUFFER)
         mv, read = memoryview(self._scratch), io.FileIO(fd, "rb", closefd=False).readinto
         a, b = unchecked
-        b0, pos, told = b, 0, 0
-        skip_to = b - SKIP_CHECKED if a < b else -1
+        pause = b - PAUSE_BEFORE if progress is not None and a < b - PAUSE_BEFORE else -1
+        pos, told = 0, 0
         while True:
-            if a <= pos < skip_to:
-                if _seek_span(fd, pos, skip_to, progress):
-                    pos = told = b = skip_to  # compared from here on
-                skip_to = -1
             try:  # _readinto's wrapping, inline: one call less in a loop of ~1,300
-                n = read(mv)
+                # (a read that would pass the pause ends there)
+                n = read(mv if not pos < pause < pos + len(mv) else mv[:pause - pos])
             except OSError as e:
                 raise SourceError(f"{path}: cannot read: {e.strerror}") from None
             end = pos + n
@@ -260,11 +258,11 @@ class ReadBuffer:
                 # a memcmp at pos (False past the end), then one after the span
                 if not (expect.startswith(mv[:lo - pos], pos)
                         and expect.startswith(mv[hi - pos:n], hi)):
-                    if b < b0 and pos < b0 and not expect.startswith(
-                            mv[:min(n, b0 - pos)], pos):
-                        return -1, None  # skipped, and the span's checked end differs
                     return pos, mv[:n]
             pos = end
+            if pos == pause:
+                _pause(progress, pos)
+                told = pos
 
     def _ensure(self, need: int, keep: int | None = None) -> None:
         """Room for ``need`` bytes plus a CHUNK, keeping the first ``keep`` (default
@@ -301,25 +299,16 @@ class ReadBuffer:
         return memoryview(self._buf)[:pos]
 
 
-def _seek_span(fd: int, pos: int, to: int, progress: ReadProgress | None) -> bool:
-    """Move ``fd`` from ``pos`` to ``to`` over an unchecked span's bytes, never received:
-    procfs makes them in one lseek (seq_file's traverse) instead of ~1,300 read()s and
-    copies. False where it cannot seek (then the caller reads on). Nothing past ``to``
-    is made yet, so openers may still join the reading (``progress.sought``), and while
-    they keep coming (a crowd) the reader waits for them there (``progress.hold``)."""
-    if progress is not None:  # where it is while the kernel skips on
-        progress.advance(pos)
-    try:
-        if os.lseek(fd, to, os.SEEK_SET) != to:
-            return False
-    except OSError:
-        return False
-    if progress is not None:
-        progress.sought(to)
-        if progress.hold is not None:
-            progress.hold()
-        progress.advance(to)
-    return True
+def _pause(progress: ReadProgress, pos: int) -> None:
+    """A reading stopped at ``pos`` inside the span that cannot change: the kernel has
+    made nothing past it but the page seq_file keeps, so openers may still join the
+    reading (``progress.paused``), and while they keep coming (a crowd) the reader waits
+    for them here (``progress.hold``) before it reads on."""
+    progress.advance(pos)
+    progress.paused(pos)
+    if progress.hold is not None:
+        progress.hold()
+    progress.advance(pos)
 
 
 def _rewind(fd: int, path: str) -> None:

@@ -458,26 +458,23 @@ def _bytes_read() -> int:
 
 def test_read_buffer_leaves_the_unchecked_span_uncompared(tmp_path):
     """``unchecked`` = (a, b): a byte changed inside it is not seen (the previous reading
-    comes back: the caller vouched for those bytes) and not even read, but for its last
-    SKIP_CHECKED bytes (the file is sought past the rest); changes before or after it
-    are, also inside a read that straddles its ends, and so are changes in its last bytes
-    (then all is read again and compared); a file that ends inside the span (so it is not
-    what the caller said) is read again and compared whole: the exact new bytes."""
+    comes back: the caller vouched for those bytes), though every byte is read (never
+    sought past: README "Performance"); changes before or after it are, also inside a
+    read that straddles its ends; a file that ends inside the span (so it is not what the
+    caller said) is read again and compared whole: the exact new bytes."""
     from ksymsfs.freshness import STEP
-    from ksymsfs.readfile import SKIP_CHECKED, ReadBuffer, read_regular
+    from ksymsfs.readfile import ReadBuffer, read_regular
     old = os.urandom(4 * STEP + 999)
     expect, f, buf = bytes(old), tmp_path / "k", ReadBuffer()
     a, b = STEP // 2, 3 * STEP + 7
     flip = lambda data, i: data[:i] + bytes([data[i] ^ 1]) + data[i + 1:]  # noqa: E731
-    for i in (a, a + 1, STEP, 2 * STEP + 5, b - SKIP_CHECKED - 1):
+    for i in (a, a + 1, STEP, 2 * STEP + 5, b - 4097, b - 1):
         f.write_bytes(flip(old, i))
         before = _bytes_read()
         assert read_regular(str(f), into=buf, expect=expect, unchecked=(a, b)) is expect
-        # the span's bytes but its last SKIP_CHECKED were never received
-        # (+ 4096: /proc/self/io's own read)
-        assert _bytes_read() - before <= len(old) - (b - SKIP_CHECKED - a) + 4096
+        assert _bytes_read() - before >= len(old)  # all of it received, once
+        assert _bytes_read() - before < 2 * len(old)
     for new in (flip(old, 0), flip(old, a - 1), flip(old, b), flip(old, b + 1),
-                flip(old, b - 1), flip(old, b - SKIP_CHECKED),
                 flip(old, len(old) - 1), old + b"x", old[:-1], old[:b],
                 old[:b - 1], flip(old[:b - 1], 9), old[:2 * STEP], old[:a + 1], b""):
         f.write_bytes(new)
@@ -489,6 +486,37 @@ def test_read_buffer_leaves_the_unchecked_span_uncompared(tmp_path):
     f.write_bytes(flip(old, a + 3)[:b])  # ends where the span does (modules all gone):
     got = read_regular(str(f), into=buf, expect=expect, unchecked=(a, b))
     assert bytes(got) == old[:b]  # normal, so the span is vouched for, not read again
+
+
+def test_tracked_reading_pauses_before_the_unchecked_span_ends(tmp_path):
+    """Tracked, a reading of an unchanging span stops exactly PAUSE_BEFORE its end, says
+    there what the kernel may have made (``paused``: that offset + SEQ_SLACK, still
+    inside the span) and calls ``hold`` there once, before it reads on; exact bytes
+    whether the text is the previous one or not, and no pause without a span."""
+    from ksymsfs.freshness import SEQ_SLACK, STEP, ReadProgress
+    from ksymsfs.readfile import PAUSE_BEFORE, ReadBuffer, read_regular
+    old = os.urandom(4 * STEP + 999)
+    f, buf = tmp_path / "k", ReadBuffer()
+    a, b = 100, 3 * STEP + 7
+
+    class Seen(ReadProgress):
+        __slots__ = ("holds",)
+
+    for new, unchecked in ((old, (a, b)), (old[:50] + b"x" + old[51:], (a, b)),
+                           (old, (0, 0))):
+        f.write_bytes(new)
+        p = Seen()
+        p.holds = []
+        p.hold = lambda p=p: p.holds.append((p.state[1], p.made))
+        got = read_regular(str(f), into=buf, progress=p, expect=bytes(old),
+                           unchecked=unchecked)
+        assert bytes(got) == new
+        if unchecked == (0, 0) or new != old:
+            assert p.holds == []
+            continue
+        at = b - PAUSE_BEFORE
+        assert p.holds == [(at, at + SEQ_SLACK)] and at + SEQ_SLACK < b
+        assert p.state[1] == len(new) and p.made is None  # read on past it
 
 
 def test_plain_read_of_a_sized_file_is_one_read_and_exact(tmp_path, monkeypatch):

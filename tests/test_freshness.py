@@ -145,21 +145,21 @@ def test_rule_serves_only_readings_that_had_not_passed_the_kernel():
 
 
 
-def test_a_sought_reading_marks_what_the_kernel_made_not_ahead_of_it():
-    """Sought to an offset (one lseek), the kernel has made records up to the one holding
-    it: an arrival's mark is that bound, not received + AHEAD, until the reader reads on
-    (then the usual AHEAD again); a new try forgets it."""
+def test_a_paused_reading_marks_what_the_kernel_made_not_ahead_of_it():
+    """Paused at an offset (read up to it page by page), the kernel has made records up to
+    at most seq_file's page past it: an arrival's mark is that bound, not received +
+    AHEAD, until the reader reads on (then the usual AHEAD again); a new try forgets it."""
     rule, p = KernelFirstJoin(), ReadProgress()
     p.start_try(1)
     p.advance(4096)
-    p.sought(10 << 20)
+    p.paused(10 << 20)
     assert rule.mark(p) == (1, (10 << 20) + SEQ_SLACK)
     p.done(1)
     assert rule.serves(rule.mark(p), p, Snap((10 << 20) + SEQ_SLACK))
     assert not rule.serves(rule.mark(p), p, Snap((10 << 20) + SEQ_SLACK - 1))
     p.advance(10 << 20)
     assert rule.mark(p) == (1, (10 << 20) + AHEAD)
-    p.sought(5)
+    p.paused(5)
     p.start_try(2)
     assert rule.mark(p) == (2, AHEAD)
 
@@ -279,8 +279,8 @@ def test_coalescer_reads_again_for_an_opener_a_reading_does_not_serve(why):
     assert not c._marked and not c._ended  # nothing kept for callers who are gone
 
 
-def test_coalescer_holds_a_sought_reading_while_a_crowd_keeps_coming(monkeypatch):
-    """A reading's ``hold`` (called once it was sought past the kernel's own symbols)
+def test_coalescer_holds_a_paused_reading_while_a_crowd_keeps_coming(monkeypatch):
+    """A reading's ``hold`` (called where it pauses near the end of the kernel's own symbols)
     returns at once for a lone caller; while callers keep arriving it waits until none
     came for ``gather`` s (never more than HOLD), and those callers share the reading."""
     monkeypatch.setattr(devmod, "HOLD", 2.0)
@@ -293,7 +293,7 @@ def test_coalescer_holds_a_sought_reading_while_a_crowd_keeps_coming(monkeypatch
     t = time.monotonic()
     p.hold()  # nobody else came: no wait
     assert time.monotonic() - t < 0.04
-    p.sought(1 << 20)
+    p.paused(1 << 20)
     held = threading.Event()
     waiter = threading.Thread(target=lambda: (p.hold(), held.set()))
     ts = [_get_in_thread(c, late)]
@@ -484,34 +484,38 @@ def test_live_crowd_shares_the_reading_in_flight(monkeypatch):
     pytest.fail("no second opener arrived early in a reading in 20 tries")
 
 
-def test_live_reading_seeks_past_the_kernels_own_symbols():
-    """The live kernel: a reading after one that showed addresses receives the first
-    line(s) and the span's last bytes and all that follows, not the kernel's own
-    symbols (/proc/kallsyms is sought past them: seq_file's lseek makes them without
-    copying them out); an unchanged kernel gives the previous snapshot back, and a
-    reading compared whole (no previous) receives every byte."""
-    from ksymsfs.readfile import SKIP_CHECKED
+def test_live_reading_reads_the_kernels_own_symbols_page_by_page(monkeypatch):
+    """The live kernel: a reading after one that showed addresses receives every byte of
+    /proc/kallsyms and never seeks it (seq_file's lseek would make the kernel's own
+    symbols in one stretch with no preemption point, README "Performance"); tracked, it
+    pauses once, PAUSE_BEFORE the end of the kernel's own symbols; an unchanged kernel
+    gives the previous snapshot back."""
+    from ksymsfs.readfile import PAUSE_BEFORE
 
     def rchar() -> int:
         with open("/proc/self/io", "rb") as f:
             return int(dict(ln.split(b": ") for ln in f.read().splitlines())[b"rchar"])
+    seeks = []
+    real_lseek = os.lseek
+    monkeypatch.setattr(os, "lseek", lambda fd, *a: seeks.append(a) or real_lseek(fd, *a))
     src, buf = Sources.live(), ReadBuffer()
     got = []
     for _ in range(3):  # (a module or eBPF program may come meanwhile: then once more)
         before = rchar()
         prev = got[-1] if got else None
-        got.append(take_snapshot(src, previous=prev, keep_raw=True, buffer=buf))
+        p = Log()
+        holds = []
+        p.hold = lambda p=p, holds=holds: holds.append((p.state[1], p.made))
+        got.append(take_snapshot(src, previous=prev, keep_raw=True, buffer=buf,
+                                 progress=p))
         got_bytes = rchar() - before
         snap = got[-1]
         a, b = snap.unchanging
         assert b > a > 0 and snap.kernel_end == b
-        if prev is None:
-            assert got_bytes >= len(snap.raw)  # the first: all of it
-        elif snap is prev:
-            # at most the reads before a, the checked end and the rest (+ module lists,
-            # signals: small files), never the kernel's own symbols
-            assert got_bytes <= (64 << 10) * 2 + SKIP_CHECKED + len(snap.raw) - b + 65536
-            assert got_bytes < len(snap.raw) // 2
+        assert got_bytes >= len(snap.raw) and not seeks
+        if prev is not None and snap is prev:
+            at = b - PAUSE_BEFORE
+            assert holds == [(at, at + SEQ_SLACK)]
             return
     pytest.fail("the kernel changed at every reading")
 
