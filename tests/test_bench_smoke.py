@@ -63,6 +63,11 @@ def test_bench_fuse_sections(bench_fuse_json):
     _positive(live, "cat_mount_s", "read_mount_s", "ratio_cat", "mount_bytes",
               "cat_kallsyms_s", "cat_local_copy_s", "cat_sparse_tmpfs_s", "cat_dev_null_s",
               "ratio_floor")
+    co = live["colocated"]  # a sleeper per CPU while the mount is read, and kallsyms
+    for k in ("mount", "kallsyms"):
+        assert co[k]["wakeups"] > 10 and 0 < co[k]["worst_s"] < 10, co
+        assert 0 <= co[k]["over_10ms"] <= co[k]["wakeups"]
+    assert co["ratio"] == pytest.approx(co["mount"]["worst_s"] / co["kallsyms"]["worst_s"])
     for tool in ("nm", "readelf"):
         t = bench_fuse_json["tools"][tool]
         assert t["same_output"] is True          # the mount and the local copy agree
@@ -117,7 +122,7 @@ def test_bench_passthrough_sections(bench_fuse_json):
     assert pt["concurrency"]["captured"][-1]["vs_local"] > 0
     names = {c["name"] for c in bench_fuse_json["checks"]}
     for name in ("live_open_read", "nm_mount_vs_local", "concurrent_wall",
-                 "crowd_vs_local"):
+                 "crowd_vs_local", "colocated_wakeup"):
         assert name in names and f"{name}_passthrough" in names
     # its floors read the sparse copy, as the kernel reads its memory files' holes
     live, lv = pt["live"]["fuse"], pt["concurrency"]["levels"][-1]
