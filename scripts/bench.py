@@ -74,7 +74,7 @@ MOUNT_TIMEOUT = 60.0
 # targets: name -> (limit, what the value is)
 TARGETS = {
     "live_open_read": 1.15,      # FUSE open+read+close / cat /proc/kallsyms
-    "colocated_wakeup": 2.0,     # a sleeper's worst wakeup delay: cat MOUNT / cat kallsyms
+    "colocated_wakeup": 2.0,     # a sleeper's wakeup delay (99.9th pct): cat MOUNT / cat kallsyms
     "build_1m_s": 1.0,           # seconds to build the 1M-symbol image
     "rss_per_image": 3.0,        # peak RSS growth / image size
     "linearity": 11.0,           # build time 3M / 300k (10x the symbols)
@@ -496,9 +496,9 @@ def sec_live(rep: Report, args, mount: Mount | None, mount_err: str, work: str) 
     return res
 
 
-# A sleeper pinned to one CPU (argv[1]): 1 ms sleeps until SIGTERM, then its worst
-# lateness and how many were over 10 ms (a task that kernel code without a preemption
-# point keeps off its CPU wakes that much late)
+# A sleeper pinned to one CPU (argv[1]): 1 ms sleeps until SIGTERM, then how late each
+# wakeup was (a task that kernel code without a preemption point keeps off its CPU
+# wakes that much late)
 SLEEPER = r"""
 import os, signal, sys, time
 os.sched_setaffinity(0, {int(sys.argv[1])})
@@ -511,14 +511,15 @@ try:
         time.sleep(0.001)
         late.append(time.monotonic() - t - 0.001)
 finally:
-    print(max(late, default=0.0), sum(d > 0.01 for d in late), len(late), flush=True)
+    late.sort()
+    print(" ".join(map(str, late)), flush=True)
 """
 WAKEUP_RUNS = 20  # opens per measurement: the lseek design made ~1 late wakeup each
 
 
-def wakeup_delays(cmd: list[str], count: int = WAKEUP_RUNS) -> dict:
-    """A sleeper on every CPU while ``cmd`` runs ``count`` times: the worst lateness of
-    any wakeup (s), how many were over 10 ms, of how many."""
+def wakeup_delays(cmd: list[str], count: int = WAKEUP_RUNS) -> list[float]:
+    """A sleeper on every CPU while ``cmd`` runs ``count`` times: how late each of their
+    wakeups was (s), sorted."""
     ps = [subprocess.Popen([sys.executable, "-c", SLEEPER, str(c)], stdout=subprocess.PIPE,
                            text=True) for c in sorted(os.sched_getaffinity(0))]
     try:
@@ -527,37 +528,40 @@ def wakeup_delays(cmd: list[str], count: int = WAKEUP_RUNS) -> dict:
         for _ in range(count):
             run_quiet(cmd)
     finally:
-        outs = []
+        late = []
         for p in ps:
             p.send_signal(signal.SIGTERM)
-            outs.append(p.communicate()[0].split())
-    return {"worst_s": max(float(o[0]) for o in outs),
-            "over_10ms": sum(int(o[1]) for o in outs), "wakeups": sum(int(o[2]) for o in outs)}
+            late += map(float, p.communicate()[0].split())
+    return sorted(late)
 
 
 def colocated_rows(rep: Report, kall: str, mp: str, count: int = WAKEUP_RUNS) -> dict:
     """Whether serving an open keeps other tasks off a CPU longer than reading kallsyms
     does: a sleeper per CPU, while the mount is read and while kallsyms is (twice each,
-    alternating; the worst of both). Reading kallsyms page by page returns to user space
-    every page; seq_file's ``lseek`` past the kernel's own symbols did not for ~25-40 ms
-    (README "Performance")."""
-    runs: dict[str, list[dict]] = {"kallsyms": [], "mount": []}
+    alternating). The figure is the 99.9th percentile of their wakeups' lateness (the
+    worst but a few: one late wakeup of the host's own is no verdict); the seek past the
+    kernel's own symbols made about one wakeup an open ~25-40 ms late (README
+    "Performance"), where reading kallsyms page by page returns to user space every page."""
+    runs: dict[str, list[float]] = {"kallsyms": [], "mount": []}
     for _ in range(2):
-        runs["kallsyms"].append(wakeup_delays(["cat", kall], count))
-        runs["mount"].append(wakeup_delays(["cat", mp], count))
-    res = {k: {"worst_s": max(r["worst_s"] for r in v),
-               "over_10ms": sum(r["over_10ms"] for r in v),
-               "wakeups": sum(r["wakeups"] for r in v)} for k, v in runs.items()}
+        runs["kallsyms"] += wakeup_delays(["cat", kall], count)
+        runs["mount"] += wakeup_delays(["cat", mp], count)
+    res: dict = {}
+    for k, late in runs.items():
+        late.sort()
+        res[k] = {"p999_s": late[min(len(late) - 1, int(len(late) * 0.999))],
+                  "worst_s": late[-1], "over_10ms": sum(d > 0.01 for d in late),
+                  "wakeups": len(late)}
     base, got = res["kallsyms"], res["mount"]
-    ratio = got["worst_s"] / base["worst_s"] if base["worst_s"] > 0 else None
+    ratio = got["p999_s"] / base["p999_s"] if base["p999_s"] > 0 else None
     lim = TARGETS["colocated_wakeup"]
     ok = rep.check("colocated_wakeup", ratio, lim,
-                   what="a sleeper's worst wakeup delay: cat MOUNT / cat kallsyms")
-    rep.row(f"a sleeper per CPU, {2 * count} cat MOUNT: worst wakeup delay",
-            got["worst_s"] * 1e3, "ms", "same, cat kallsyms", ratio, f"<= {lim}x", ok)
+                   what="a sleeper's 99.9th percentile wakeup delay: cat MOUNT / cat kallsyms")
+    rep.row(f"a sleeper per CPU, {2 * count} cat MOUNT: wakeup delay, 99.9th pct",
+            got["p999_s"] * 1e3, "ms", "same, cat kallsyms", ratio, f"<= {lim}x", ok)
     for k, what in (("mount", "cat MOUNT"), ("kallsyms", "cat kallsyms")):
         r = res[k]
-        rep.row(f"  {what}: worst delay; wakeups over 10 ms", r["worst_s"] * 1e3, "ms",
+        rep.row(f"  {what}: the worst; wakeups over 10 ms", r["worst_s"] * 1e3, "ms",
                 f"{r['over_10ms']} of {r['wakeups']}")
     res["ratio"] = ratio
     return res

@@ -65,9 +65,9 @@ def test_bench_fuse_sections(bench_fuse_json):
               "ratio_floor")
     co = live["colocated"]  # a sleeper per CPU while the mount is read, and kallsyms
     for k in ("mount", "kallsyms"):
-        assert co[k]["wakeups"] > 10 and 0 < co[k]["worst_s"] < 10, co
+        assert co[k]["wakeups"] > 10 and 0 < co[k]["p999_s"] <= co[k]["worst_s"] < 10, co
         assert 0 <= co[k]["over_10ms"] <= co[k]["wakeups"]
-    assert co["ratio"] == pytest.approx(co["mount"]["worst_s"] / co["kallsyms"]["worst_s"])
+    assert co["ratio"] == pytest.approx(co["mount"]["p999_s"] / co["kallsyms"]["p999_s"])
     for tool in ("nm", "readelf"):
         t = bench_fuse_json["tools"][tool]
         assert t["same_output"] is True          # the mount and the local copy agree
