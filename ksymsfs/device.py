@@ -214,9 +214,9 @@ class Coalescer:
     def _hold(self, since: float) -> None:
         """A reading begun at ``since`` that may still serve newcomers (paused near the
         end of the kernel's own symbols, freshness.ReadProgress.paused) waits while
-        callers keep coming after it began: until ``gather`` s pass without one, at most HOLD s. A
-        crowd of processes starting over tens of ms then shares one reading (measured:
-        32 dd, 2 readings a wave without it); a lone caller never waits here."""
+        callers keep coming after it began: until ``gather`` s pass without one, at most
+        HOLD s. A crowd of processes starting over tens of ms then shares one reading
+        (measured: 32 dd, 2 readings a wave without it); a lone caller never waits here."""
         with self._cond:
             while True:
                 now = time.monotonic()

@@ -511,7 +511,6 @@ try:
         time.sleep(0.001)
         late.append(time.monotonic() - t - 0.001)
 finally:
-    late.sort()
     print(" ".join(map(str, late)), flush=True)
 """
 WAKEUP_RUNS = 20  # opens per measurement: the lseek design made ~1 late wakeup each
@@ -547,7 +546,7 @@ def colocated_rows(rep: Report, kall: str, mp: str, count: int = WAKEUP_RUNS) ->
         runs["kallsyms"] += wakeup_delays(["cat", kall], count)
         runs["mount"] += wakeup_delays(["cat", mp], count)
     res: dict = {}
-    for k, late in runs.items():
+    for k, late in runs.items():  # two runs, each sorted: sorted again as one
         late.sort()
         res[k] = {"p999_s": late[min(len(late) - 1, int(len(late) * 0.999))],
                   "worst_s": late[-1], "over_10ms": sum(d > 0.01 for d in late),
